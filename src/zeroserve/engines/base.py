@@ -1,0 +1,96 @@
+"""The engine interface every model runtime implements.
+
+An engine loads one model and serves one task. It knows nothing of Ray or HTTP:
+the Serve deployment adds resources, batching and health around it, and a test can
+drive it directly.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from zeroserve.protocol import GenerateParams
+
+__all__ = ["Classification", "Delta", "Embedding", "Engine", "GenerationResult", "collect"]
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vector: list[float]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    probs: list[float]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one choice's output.
+
+    The first Delta of a stream has ``index == -1`` and carries only
+    ``prompt_tokens``, so a consumer knows the prompt was accepted before any text.
+    """
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: list[int] = field(default_factory=list)
+
+
+class Engine(abc.ABC):
+    """Load a model once; then embed, classify or generate, depending on its task."""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load weights and tokenizer; raise if the model cannot be served."""
+
+    @abc.abstractmethod
+    def health(self) -> None:
+        """Raise if the engine can no longer serve."""
+
+    def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
+        raise NotImplementedError
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        raise NotImplementedError
+
+    def check_inputs(self, texts: Sequence[str]) -> None:
+        """Raise InvalidRequestError for inputs the model cannot take (too long)."""
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        raise NotImplementedError
+
+    def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+
+async def collect(deltas: AsyncIterator[Delta], n: int) -> GenerationResult:
+    """Join a stream of deltas into whole choices."""
+    texts = [""] * n
+    reasons = ["length"] * n
+    completion = [0] * n
+    prompt_tokens = 0
+    async for d in deltas:
+        if d.index < 0:
+            prompt_tokens = d.prompt_tokens
+            continue
+        texts[d.index] += d.text
+        completion[d.index] = max(completion[d.index], d.completion_tokens)
+        if d.finish_reason is not None:
+            reasons[d.index] = d.finish_reason
+    return GenerationResult(texts, reasons, prompt_tokens, completion)

@@ -1,0 +1,132 @@
+"""zeroserve's exceptions and the one place that maps them to OpenAI error bodies.
+
+Every error a client sees has the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}`` and a status code that tells a
+client whether to retry: 4xx means fix the request, 429/503 come with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ZeroserveError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "WrongTaskError",
+    "ModelUnavailableError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "EngineError",
+    "error_body",
+]
+
+
+class ZeroserveError(Exception):
+    """Base class: carries the HTTP status and the OpenAI error fields.
+
+    These exceptions cross process boundaries (a model replica raises, the gateway
+    maps), so they keep only plain, picklable attributes.
+    """
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.retry_after_s),
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, int(round(self.retry_after_s))))}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def _rebuild(
+    cls: type[ZeroserveError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: float | None,
+) -> ZeroserveError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class InvalidRequestError(ZeroserveError):
+    """The request is malformed or asks for something the model cannot do (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class WrongTaskError(InvalidRequestError):
+    """The model exists but serves another task (embeddings on a generator)."""
+
+    def __init__(self, model: str, task: str, wanted: str) -> None:
+        super().__init__(
+            f"model '{model}' is a {task} model and does not support {wanted}",
+            param="model",
+            code="wrong_task",
+        )
+
+
+class PayloadTooLargeError(ZeroserveError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(ZeroserveError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist", param="model", code="model_not_found"
+        )
+
+
+class ModelUnavailableError(ZeroserveError):
+    """The model is configured but cannot serve now: waking timed out, failed to deploy."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class OverloadedError(ZeroserveError):
+    """Too many requests queued: shed load instead of letting clients time out."""
+
+    status_code = 503
+    error_type = "server_overloaded"
+
+
+class EngineError(ZeroserveError):
+    """The engine failed on a valid request; the message reaching clients stays generic."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """Build the OpenAI error body."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
