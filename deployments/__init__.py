@@ -1,0 +1,1 @@
+"""Ray Serve deployments and typed application builders (the thin Ray layer)."""

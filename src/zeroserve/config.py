@@ -102,9 +102,9 @@ class ModelSpec(_Strict):
     )
     max_tokens_cap: int = Field(default=512, gt=0, description="Largest max_tokens accepted.")
     max_n: int = Field(default=4, gt=0, le=16, description="Largest n (choices) accepted.")
-    max_batch_size: int = Field(default=16, gt=0)
+    max_batch_size: int = Field(default=8, gt=0)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    max_ongoing_requests: int = Field(default=8, gt=0)
+    max_ongoing_requests: int = Field(default=16, gt=0)
     max_queued_requests: int = Field(default=64, gt=0)
     cold_start_timeout_s: float | None = Field(
         default=None, gt=0, description="Overrides the gateway's bound on waiting for a wake."

@@ -69,8 +69,9 @@ class Engine(abc.ABC):
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         raise NotImplementedError
 
-    def check_inputs(self, texts: Sequence[str]) -> None:
-        """Raise InvalidRequestError for inputs the model cannot take (too long)."""
+    def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
+        """Raise InvalidRequestError for inputs the model cannot take (too long, or an
+        embedding size it cannot produce), before they join a batch with others."""
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         raise NotImplementedError

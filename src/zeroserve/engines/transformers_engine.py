@@ -124,7 +124,17 @@ class TransformersEngine(Engine):
         enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]
 
-    def check_inputs(self, texts: Sequence[str]) -> None:
+    def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
+        if dimensions is not None:
+            hidden_size = int(self.model.config.hidden_size)
+            if self.spec.task != "embed" or dimensions != hidden_size:
+                raise InvalidRequestError(
+                    f"this model produces {hidden_size}-dimensional embeddings and cannot "
+                    f"shorten them to {dimensions}",
+                    param="dimensions",
+                )
+        if not texts:
+            return
         for i, count in enumerate(self._token_counts(texts)):
             if count > self.max_len:
                 raise InvalidRequestError(
@@ -143,13 +153,7 @@ class TransformersEngine(Engine):
     def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
         import torch
 
-        hidden_size = int(self.model.config.hidden_size)
-        if dimensions is not None and dimensions != hidden_size:
-            raise InvalidRequestError(
-                f"this model produces {hidden_size}-dimensional embeddings and cannot "
-                f"shorten them to {dimensions}",
-                param="dimensions",
-            )
+        self.check_inputs([], dimensions)
         enc = self._encode(texts)
         with self._guard(), torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state

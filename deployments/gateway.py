@@ -1,0 +1,144 @@
+"""The gateway application: ``import_path: deployments.gateway:build``, ``route_prefix: /``.
+
+It never scales to zero. It finds model applications at run time from the Serve
+controller's details, so adding or removing a model never restarts it, and reaches
+each through a ``DeploymentHandle`` (whose request wakes a cold model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from zeroserve.config import GatewaySpec, parse_gateway_spec
+from zeroserve.engines import Classification, Delta, Embedding
+from zeroserve.errors import ModelUnavailableError, OverloadedError, ZeroserveError
+from zeroserve.gateway import ModelEntry, create_app, entries_from_details
+from zeroserve.gateway.backend import Prompt
+from zeroserve.logs import configure_logging
+from zeroserve.protocol import GenerateParams
+
+__all__ = ["Gateway", "ServeBackend", "build"]
+
+logger = logging.getLogger("zeroserve.gateway")
+
+
+def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> BaseException:
+    """Turn what a handle raises into the error the client should see."""
+    if isinstance(err, RayTaskError) and isinstance(err.cause, ZeroserveError):
+        return err.cause
+    if isinstance(err, ZeroserveError):
+        return err
+    if isinstance(err, BackPressureError):
+        return OverloadedError(
+            f"model '{entry.name}' has too many queued requests; retry later",
+            code="overloaded", retry_after_s=retry_after_s,
+        )
+    if isinstance(err, DeploymentUnavailableError):
+        return ModelUnavailableError(
+            f"model '{entry.name}' is unavailable: it failed to deploy",
+            code="model_failed", retry_after_s=retry_after_s * 6,
+        )
+    if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
+        return ModelUnavailableError(
+            f"model '{entry.name}' lost its replica during the request; retry",
+            code="replica_died", retry_after_s=1,
+        )
+    return err
+
+
+class ServeBackend:
+    """The gateway's view of Serve: a cached model directory and one handle per model."""
+
+    def __init__(self, spec: GatewaySpec) -> None:
+        self.spec = spec
+        self._entries: dict[str, ModelEntry] | None = None
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
+        fresh = time.monotonic() - self._fetched_at < self.spec.discovery_ttl_s
+        if self._entries is not None and fresh and not refresh:
+            return self._entries
+        async with self._lock:
+            started = time.monotonic()
+            if self._entries is not None and self._fetched_at >= started - 0.05 and not refresh:
+                return self._entries
+            client = serve.context._get_global_client()
+            details = await asyncio.to_thread(client.get_serve_details)
+            self._entries = entries_from_details(details)
+            self._fetched_at = time.monotonic()
+            for gone in set(self._handles) - set(self._entries):
+                self._handles.pop(gone, None)
+            return self._entries
+
+    def _handle(self, entry: ModelEntry) -> DeploymentHandle:
+        handle = self._handles.get(entry.name)
+        if handle is None:
+            # The directory just read the app from the controller: no need to check again.
+            handle = serve.get_deployment_handle(entry.deployment, entry.name, _check_exists=False)
+            self._handles[entry.name] = handle
+        return handle
+
+    async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
+        try:
+            return await self._handle(entry).embed.remote(list(texts), dimensions)  # type: ignore[no-any-return]
+        except BaseException as err:
+            raise _translate(err, entry, self.spec.retry_after_s) from None
+
+    async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]:
+        try:
+            return await self._handle(entry).classify.remote(list(texts))  # type: ignore[no-any-return]
+        except BaseException as err:
+            raise _translate(err, entry, self.spec.retry_after_s) from None
+
+    async def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
+        response = self._handle(entry).options(stream=True).stream.remote(prompt, params)
+        try:
+            async for delta in response:
+                yield delta
+        except (asyncio.CancelledError, GeneratorExit):
+            response.cancel()
+            raise
+        except BaseException as err:
+            raise _translate(err, entry, self.spec.retry_after_s) from None
+
+
+@serve.deployment(name="Gateway", health_check_period_s=10)
+@serve.ingress()
+class Gateway:
+    """The OpenAI endpoint. Its app is built per replica around a :class:`ServeBackend`."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        configure_logging()
+        self.spec = GatewaySpec.model_validate(spec)
+        self.backend = ServeBackend(self.spec)
+        logger.info("gateway config: %s", self.spec.model_dump())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.spec, self.backend)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Build the gateway application from its ``args``.
+
+    Raises:
+        ConfigError: the args are invalid; Serve shows the message in ``serve status``.
+    """
+    spec = parse_gateway_spec(args)
+    return Gateway.options(
+        num_replicas=spec.num_replicas,
+        ray_actor_options={"num_cpus": spec.num_cpus},
+        # The gateway sheds load itself (503 + Retry-After); Serve must not queue first.
+        max_ongoing_requests=spec.max_inflight_requests + 64,
+    ).bind(spec.model_dump())

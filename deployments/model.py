@@ -1,0 +1,102 @@
+"""One model as a Serve application: ``import_path: deployments.model:build``.
+
+The deployment adds what Ray does well around an engine: a GPU fraction, autoscaling
+to zero, dynamic batching, health checks. The engine does the model work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from zeroserve.config import ModelSpec, parse_model_spec
+from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
+from zeroserve.logs import configure_logging
+from zeroserve.protocol import GenerateParams
+
+__all__ = ["ModelServer", "build"]
+
+logger = logging.getLogger("zeroserve.model")
+
+
+@serve.deployment(name="ModelServer", health_check_period_s=10, health_check_timeout_s=30)
+class ModelServer:
+    """Serve one engine.
+
+    Args:
+        spec: the model spec as a dict (validated again here: replicas may be
+            restarted long after the build).
+        engine_factory: builds the engine; tests inject a fake one.
+    """
+
+    def __init__(
+        self, spec: dict[str, Any], engine_factory: Callable[[ModelSpec], Engine] | None = None
+    ) -> None:
+        configure_logging()
+        self.spec = ModelSpec.model_validate(spec)
+        self.engine = (engine_factory or create_engine)(self.spec)
+        self.engine.load()
+        self._embed_batch.set_max_batch_size(self.spec.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self._classify_batch.set_max_batch_size(self.spec.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    def check_health(self) -> None:
+        self.engine.health()
+
+    # -- embeddings and classification: batched across requests ------------------
+    async def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
+        self.engine.check_inputs(texts, dimensions)
+        return await self._embed_batch(list(texts))
+
+    async def classify(self, texts: Sequence[str]) -> list[Classification]:
+        self.engine.check_inputs(texts)
+        return await self._classify_batch(list(texts))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, requests: list[list[str]]) -> list[list[Embedding]]:
+        return await self._run_batched(self.engine.embed, requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _classify_batch(self, requests: list[list[str]]) -> list[list[Classification]]:
+        return await self._run_batched(self.engine.classify, requests)
+
+    async def _run_batched(self, fn: Callable[[list[str]], list[Any]], requests: list[list[str]]) -> list[list[Any]]:
+        flat = [t for texts in requests for t in texts]
+        self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
+        results = await asyncio.to_thread(fn, flat)
+        out, pos = [], 0
+        for texts in requests:
+            out.append(results[pos:pos + len(texts)])
+            pos += len(texts)
+        return out
+
+    # -- generation ----------------------------------------------------------------
+    async def stream(self, prompt: str | list[dict[str, str]], params: GenerateParams) -> AsyncIterator[Delta]:
+        text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
+        async for delta in self.engine.stream(text, params):
+            yield delta
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes)}
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Build a model application from its spec (the ``args`` of its config entry).
+
+    Raises:
+        ConfigError: the spec is invalid; Serve shows the message in ``serve status``.
+    """
+    spec = parse_model_spec(args)
+    return ModelServer.options(
+        ray_actor_options={"num_gpus": spec.gpu_fraction, "num_cpus": spec.num_cpus},
+        autoscaling_config=spec.autoscaling.to_ray(),
+        max_ongoing_requests=spec.max_ongoing_requests,
+        max_queued_requests=spec.max_queued_requests,
+    ).bind(spec.model_dump())

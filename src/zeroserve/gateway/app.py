@@ -1,0 +1,546 @@
+"""The OpenAI-compatible HTTP app: validation, admission, bounded waits, errors.
+
+Handlers are thin: parse and validate a typed request, admit it, make one backend
+call under a deadline, shape the OpenAI response (JSON or SSE). Every failure goes
+through :func:`_error_response`, so a client always gets the OpenAI error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import struct
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zeroserve.config import GatewaySpec
+from zeroserve.engines.base import Delta
+from zeroserve.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OverloadedError,
+    PayloadTooLargeError,
+    WrongTaskError,
+    ZeroserveError,
+    error_body,
+)
+from zeroserve.gateway.backend import Backend, Prompt
+from zeroserve.gateway.registry import ModelEntry, ModelState
+from zeroserve.protocol import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerateParams,
+    new_id,
+    now,
+)
+
+__all__ = ["create_app", "Admission"]
+
+logger = logging.getLogger("zeroserve.gateway")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_T = TypeVar("_T", bound=BaseModel)
+
+
+class Admission:
+    """Counts requests in flight and sheds load beyond the limits (503 + Retry-After).
+
+    Queuing without bound only turns overload into timeouts; refusing early lets a
+    client back off and keeps the admitted requests fast.
+    """
+
+    def __init__(self, total: int, per_model: int, retry_after_s: int) -> None:
+        self.total_limit = total
+        self.per_model_limit = per_model
+        self.retry_after_s = retry_after_s
+        self.total = 0
+        self.per_model: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def slot(self, model: str) -> Any:
+        if self.total >= self.total_limit:
+            raise OverloadedError(
+                f"the server has {self.total} requests in flight (limit {self.total_limit}); "
+                "retry later",
+                code="overloaded",
+                retry_after_s=self.retry_after_s,
+            )
+        if self.per_model[model] >= self.per_model_limit:
+            raise OverloadedError(
+                f"model '{model}' has {self.per_model[model]} requests in flight "
+                f"(limit {self.per_model_limit}); retry later",
+                code="overloaded",
+                retry_after_s=self.retry_after_s,
+            )
+        self.total += 1
+        self.per_model[model] += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            self.per_model[model] -= 1
+
+
+def _error_response(err: ZeroserveError, request_id: str | None = None) -> JSONResponse:
+    headers = err.headers()
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+
+
+def _pydantic_error(err: ValidationError) -> InvalidRequestError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    param = loc[0] if loc else None
+    msg = first["msg"].removeprefix("Value error, ")
+    where = ".".join(loc)
+    return InvalidRequestError(f"{where}: {msg}" if where else msg, param=param)
+
+
+def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
+    """Build the gateway's FastAPI app around a backend.
+
+    Args:
+        spec: the gateway's limits and timeouts.
+        backend: how models are listed and called (Ray Serve handles in production).
+    """
+    app = FastAPI(title="zeroserve", version="0.1.0", docs_url="/docs", redoc_url=None)
+    admission = Admission(spec.max_inflight_requests, spec.max_inflight_per_model, spec.retry_after_s)
+    app.state.admission = admission
+
+    # -- errors ------------------------------------------------------------------
+    @app.exception_handler(ZeroserveError)
+    async def _zeroserve_error(request: Request, err: ZeroserveError) -> JSONResponse:
+        return _error_response(err, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(err.detail), kind), status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        logger.exception("[%s] unexpected error", request_id)
+        return JSONResponse(
+            error_body("The server had an error while processing your request.", "internal_error"),
+            status_code=500,
+        )
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        start = time.perf_counter()
+        try:
+            response: Response = await call_next(request)
+        except Exception:  # noqa: BLE001 - last resort: never a traceback to the client
+            logger.exception("[%s] unhandled error", request_id)
+            response = JSONResponse(
+                error_body("The server had an error while processing your request.", "internal_error"),
+                status_code=500,
+            )
+        response.headers["X-Request-Id"] = request_id
+        logger.info(
+            "[%s] %s %s -> %d in %.1f ms", request_id, request.method, request.url.path,
+            response.status_code, (time.perf_counter() - start) * 1000,
+        )
+        return response
+
+    # -- helpers -----------------------------------------------------------------
+    async def parse(request: Request, model_cls: type[_T]) -> _T:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > spec.max_body_bytes:
+            raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > spec.max_body_bytes:
+                raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
+        try:
+            data = json.loads(bytes(body))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise InvalidRequestError(f"the body is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the body must be a JSON object")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as err:
+            raise _pydantic_error(err) from None
+        except RecursionError:
+            raise InvalidRequestError("the body is nested too deeply") from None
+
+    async def lookup(name: str, task: str, wanted: str) -> ModelEntry:
+        models = await backend.models()
+        entry = models.get(name)
+        if entry is None:
+            # A model deployed a moment ago: look once more before saying 404.
+            entry = (await backend.models(refresh=True)).get(name)
+        if entry is None:
+            raise ModelNotFoundError(name)
+        if entry.spec is None or entry.state is ModelState.FAILED:
+            raise ModelUnavailableError(
+                f"model '{name}' failed to start: {entry.message or 'see serve status'}",
+                code="model_failed",
+                retry_after_s=spec.retry_after_s * 6,
+            )
+        if entry.spec.task != task:
+            raise WrongTaskError(name, entry.spec.task, wanted)
+        return entry
+
+    def wake_error(entry: ModelEntry, waited: float) -> ModelUnavailableError:
+        return ModelUnavailableError(
+            f"model '{entry.name}' did not answer within {waited:.0f} s "
+            f"(state was {entry.state.value}); it may be waking or may not fit on the "
+            "cluster's GPUs right now. Retry later.",
+            code="model_not_ready",
+            retry_after_s=spec.retry_after_s,
+        )
+
+    async def bounded(entry: ModelEntry, coro: Any) -> Any:
+        # A cold model's first answer includes its wake-up; a ready one's does not.
+        assert entry.spec is not None
+        budget = spec.request_timeout_s
+        if entry.state is not ModelState.READY:
+            budget = entry.spec.cold_start_timeout_s or spec.cold_start_timeout_s
+        try:
+            return await asyncio.wait_for(coro, budget)
+        except TimeoutError:
+            raise wake_error(entry, budget) from None
+
+    def generate_params(req: ChatCompletionRequest | CompletionRequest, entry: ModelEntry) -> GenerateParams:
+        assert entry.spec is not None
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is not None and max_tokens > entry.spec.max_tokens_cap:
+            raise InvalidRequestError(
+                f"max_tokens = {max_tokens} is above this model's cap of "
+                f"{entry.spec.max_tokens_cap}",
+                param="max_tokens",
+            )
+        n = req.n or 1
+        if n > entry.spec.max_n:
+            raise InvalidRequestError(
+                f"n = {n} is above this model's cap of {entry.spec.max_n}", param="n"
+            )
+        return GenerateParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            n=n,
+            stop=req.stop_list(),
+            seed=req.seed,
+        )
+
+    # -- routes ------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await asyncio.wait_for(backend.models(), 10)
+        except Exception as err:  # noqa: BLE001 - not ready is the answer
+            logger.warning("health: model directory unavailable: %s", err)
+            return JSONResponse(
+                error_body("the gateway cannot reach the Serve controller", "service_unavailable"),
+                status_code=503,
+                headers={"Retry-After": str(spec.retry_after_s)},
+            )
+        return JSONResponse({"status": "ok"})
+
+    def model_card(entry: ModelEntry) -> dict[str, Any]:
+        s = entry.spec
+        return {
+            "id": entry.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "zeroserve",
+            "zeroserve": {
+                "task": s.task if s else None,
+                "engine": s.engine if s else None,
+                "state": entry.state.value,
+                "replicas": entry.replicas,
+                "target_replicas": entry.target_replicas,
+                "gpu_fraction": s.gpu_fraction if s else None,
+                "max_model_len": s.max_model_len if s else None,
+                "max_tokens_cap": s.max_tokens_cap if s else None,
+                "nodes": list(entry.nodes),
+                "message": entry.message,
+            },
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        models = await backend.models(refresh=True)
+        return {"object": "list", "data": [model_card(e) for _, e in sorted(models.items())]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        entry = (await backend.models(refresh=True)).get(model)
+        if entry is None:
+            raise ModelNotFoundError(model)
+        return model_card(entry)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = await parse(request, EmbeddingRequest)
+        entry = await lookup(req.model, "embed", "embeddings")
+        texts = req.texts()
+        with admission.slot(entry.name):
+            result = await bounded(entry, backend.embed(entry, texts, req.dimensions))
+        data = []
+        for i, emb in enumerate(result):
+            vector: Any = emb.vector
+            if req.encoding_format == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(emb.vector)}f", *emb.vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(e.num_tokens for e in result)
+        return {
+            "object": "list",
+            "data": data,
+            "model": entry.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    async def classify(request: Request) -> dict[str, Any]:
+        req = await parse(request, ClassifyRequest)
+        entry = await lookup(req.model, "classify", "classification")
+        with admission.slot(entry.name):
+            result = await bounded(entry, backend.classify(entry, req.texts()))
+        tokens = sum(c.num_tokens for c in result)
+        return {
+            "id": new_id("classify"),
+            "object": "list",
+            "created": now(),
+            "model": entry.name,
+            "data": [
+                {"index": i, "label": c.label, "probs": c.probs, "num_classes": len(c.probs)}
+                for i, c in enumerate(result)
+            ],
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
+        }
+
+    app.add_api_route("/v1/classify", classify, methods=["POST"])
+    app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
+
+    async def first_delta(entry: ModelEntry, stream: AsyncIterator[Delta]) -> Delta:
+        """Wait (bounded) until the model accepted the prompt: errors are still HTTP errors."""
+        try:
+            return await bounded(entry, stream.__anext__())
+        except StopAsyncIteration:
+            raise ModelUnavailableError(
+                f"model '{entry.name}' ended the stream without output", retry_after_s=1
+            ) from None
+
+    async def run_generation(
+        request: Request,
+        req: ChatCompletionRequest | CompletionRequest,
+        chat: bool,
+    ) -> Response:
+        task_name = "chat completions" if chat else "completions"
+        entry = await lookup(req.model, "generate", task_name)
+        params = generate_params(req, entry)
+        if isinstance(req, ChatCompletionRequest):
+            prompts: list[Prompt] = [[{"role": m.role, "content": m.text()} for m in req.messages]]
+        else:
+            prompts = list(req.prompts())
+        request_id: str = request.state.request_id
+        ident = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        obj = "chat.completion" if chat else "text_completion"
+        slot = admission.slot(entry.name)
+        slot.__enter__()
+        try:
+            streams = [backend.stream(entry, p, params) for p in prompts]
+            firsts = await asyncio.gather(*(first_delta(entry, s) for s in streams))
+        except BaseException:
+            slot.__exit__(None, None, None)
+            raise
+        prompt_tokens = sum(d.prompt_tokens for d in firsts)
+        n = params.n
+
+        if not req.stream:
+            try:
+                outputs = await asyncio.wait_for(
+                    asyncio.gather(*(_drain(s, n) for s in streams)), spec.request_timeout_s
+                )
+            except TimeoutError:
+                raise ModelUnavailableError(
+                    f"model '{entry.name}' did not finish within {spec.request_timeout_s:.0f} s",
+                    code="timeout",
+                    retry_after_s=spec.retry_after_s,
+                ) from None
+            finally:
+                slot.__exit__(None, None, None)
+            choices = []
+            completion_tokens = 0
+            for p_idx, (texts, reasons, counts) in enumerate(outputs):
+                for i in range(n):
+                    index = p_idx * n + i
+                    completion_tokens += counts[i]
+                    if chat:
+                        choices.append({
+                            "index": index,
+                            "message": {"role": "assistant", "content": texts[i]},
+                            "logprobs": None,
+                            "finish_reason": reasons[i],
+                        })
+                    else:
+                        choices.append({
+                            "index": index, "text": texts[i], "logprobs": None,
+                            "finish_reason": reasons[i],
+                        })
+            return JSONResponse({
+                "id": ident,
+                "object": obj,
+                "created": created,
+                "model": entry.name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            })
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            body: dict[str, Any] = {
+                "id": ident, "object": chunk_obj, "created": created, "model": entry.name,
+                "choices": choices,
+            }
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens: Counter[int] = Counter()
+            try:
+                if chat:
+                    for p_idx in range(len(streams)):
+                        for i in range(n):
+                            yield chunk([choice(p_idx * n + i, "", None, role=True)])
+                merged = _merge(streams)
+                deadline = time.monotonic() + spec.request_timeout_s
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        p_idx, delta = await asyncio.wait_for(merged.__anext__(), max(remaining, 0.001))
+                    except StopAsyncIteration:
+                        break
+                    index = p_idx * n + delta.index
+                    completion_tokens[index] = max(completion_tokens[index], delta.completion_tokens)
+                    if delta.text or delta.finish_reason:
+                        yield chunk([choice(index, delta.text, delta.finish_reason)])
+                if req.include_usage:
+                    total_completion = sum(completion_tokens.values())
+                    yield chunk([], {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": total_completion,
+                        "total_tokens": prompt_tokens + total_completion,
+                    })
+                yield "data: [DONE]\n\n"
+            except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
+                if isinstance(err, ZeroserveError):
+                    body = err.body()
+                elif isinstance(err, TimeoutError):
+                    body = error_body("the model did not finish in time", "timeout", code="timeout")
+                else:
+                    logger.exception("[%s] stream failed", request_id)
+                    body = error_body("the model failed while streaming", "internal_error")
+                yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                slot.__exit__(None, None, None)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest)
+        return await run_generation(request, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        return await run_generation(request, req, chat=False)
+
+    return app
+
+
+async def _drain(stream: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], list[int]]:
+    texts = [""] * n
+    reasons = ["length"] * n
+    counts = [0] * n
+    async for d in stream:
+        if d.index < 0:
+            continue
+        texts[d.index] += d.text
+        counts[d.index] = max(counts[d.index], d.completion_tokens)
+        if d.finish_reason:
+            reasons[d.index] = d.finish_reason
+    return texts, reasons, counts
+
+
+async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several streams as their items arrive, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | tuple[int, None]] = (
+        asyncio.Queue()
+    )
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+            await queue.put((i, None))
+        except BaseException as exc:  # noqa: BLE001 - forwarded
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    live = len(streams)
+    try:
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()

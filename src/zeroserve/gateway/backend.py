@@ -1,0 +1,34 @@
+"""What the gateway app needs from the serving system, as an interface.
+
+The Serve implementation (``deployments.gateway.ServeBackend``) reaches model
+applications through ``DeploymentHandle``s; tests can substitute another one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from zeroserve.engines.base import Classification, Delta, Embedding
+from zeroserve.gateway.registry import ModelEntry
+from zeroserve.protocol import GenerateParams
+
+__all__ = ["Backend", "Prompt"]
+
+Prompt = str | list[dict[str, str]]  # a completion prompt, or chat messages
+
+
+class Backend(Protocol):
+    async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
+        """Every configured model with its state, without waking any."""
+        ...
+
+    async def embed(
+        self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None
+    ) -> list[Embedding]: ...
+
+    async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]: ...
+
+    def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
+        """Deltas of a generation; the first one (index -1) means the prompt was accepted."""
+        ...

@@ -1,0 +1,106 @@
+"""Which models exist and what state they are in, read from Serve's own details.
+
+The gateway never asks a model replica about itself: that would wake it. Everything
+it needs (task, limits, state, replicas and their nodes) comes from the Serve
+controller's instance details, which hold each application's deployed config (its
+``args``, i.e. the model spec) and its replicas. These functions are pure: they take
+the details dict and return entries, so they are tested without Ray.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroserve.config import MODEL_BUILDER, ConfigError, ModelSpec, parse_model_spec
+
+__all__ = ["ModelEntry", "ModelState", "entries_from_details", "model_state"]
+
+_STARTING_REPLICA_STATES = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
+
+
+class ModelState(str, enum.Enum):
+    COLD = "cold"  # no replica, none wanted: the next request wakes it
+    STARTING = "starting"  # a replica is wanted or starting but none serves yet
+    READY = "ready"  # at least one replica serves
+    FAILED = "failed"  # the application failed to deploy or its replicas keep dying
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model as the gateway sees it."""
+
+    name: str
+    spec: ModelSpec | None
+    state: ModelState
+    replicas: int = 0
+    target_replicas: int = 0
+    nodes: tuple[str, ...] = ()
+    message: str = ""
+    deployment: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_state(app_status: str, deployment: Mapping[str, Any] | None) -> ModelState:
+    """Map a Serve application and its deployment to a model state.
+
+    Args:
+        app_status: the application's status (``RUNNING``, ``DEPLOYING``, ``DEPLOY_FAILED``...).
+        deployment: the model deployment's details, or None before it exists.
+    """
+    if app_status == "DEPLOY_FAILED":
+        return ModelState.FAILED
+    if deployment is None:
+        return ModelState.STARTING if app_status in ("DEPLOYING", "NOT_STARTED") else (
+            ModelState.FAILED if app_status == "UNHEALTHY" else ModelState.COLD
+        )
+    states = [r.get("state") for r in deployment.get("replicas", [])]
+    if "RUNNING" in states:
+        return ModelState.READY
+    if deployment.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+        return ModelState.FAILED
+    if any(s in _STARTING_REPLICA_STATES for s in states):
+        return ModelState.STARTING
+    if int(deployment.get("target_num_replicas", 0)) > 0:
+        return ModelState.STARTING
+    return ModelState.COLD
+
+
+def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
+    """Read every model application out of ``ServeControllerClient.get_serve_details()``.
+
+    Applications that were not deployed from a config through
+    :data:`~zeroserve.config.MODEL_BUILDER` (the gateway itself, foreign apps) are
+    skipped. A model whose args do not validate is listed as FAILED with the reason.
+    """
+    out: dict[str, ModelEntry] = {}
+    for name, app in (details.get("applications") or {}).items():
+        cfg = app.get("deployed_app_config") or {}
+        if cfg.get("import_path") != MODEL_BUILDER:
+            continue
+        deployments = app.get("deployments") or {}
+        dep_name, dep = next(iter(deployments.items()), ("", None))
+        message = app.get("message") or ""
+        try:
+            spec: ModelSpec | None = parse_model_spec(cfg.get("args"), name)
+        except ConfigError as err:
+            spec, message = None, str(err)
+        state = model_state(str(app.get("status", "")), dep)
+        if spec is None:
+            state = ModelState.FAILED
+        if dep is not None and not message:
+            message = dep.get("message") or ""
+        replicas = [r for r in (dep or {}).get("replicas", []) if r.get("state") == "RUNNING"]
+        out[name] = ModelEntry(
+            name=name,
+            spec=spec,
+            state=state,
+            replicas=len(replicas),
+            target_replicas=int((dep or {}).get("target_num_replicas", 0)),
+            nodes=tuple(sorted({str(r.get("node_id", "")) for r in replicas})),
+            message=message,
+            deployment=dep_name,
+        )
+    return out
