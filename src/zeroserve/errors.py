@@ -68,7 +68,10 @@ def _rebuild(
     code: str | None,
     retry_after_s: float | None,
 ) -> ZeroserveError:
-    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+    # Bypass subclass constructors (they take other arguments): restore the fields.
+    err = cls.__new__(cls)
+    ZeroserveError.__init__(err, message, param=param, code=code, retry_after_s=retry_after_s)
+    return err
 
 
 class InvalidRequestError(ZeroserveError):

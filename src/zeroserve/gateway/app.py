@@ -180,6 +180,8 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             data = json.loads(bytes(body))
         except (UnicodeDecodeError, ValueError) as err:
             raise InvalidRequestError(f"the body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise InvalidRequestError("the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the body must be a JSON object")
         try:

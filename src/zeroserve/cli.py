@@ -1,0 +1,189 @@
+"""The ``zeroserve`` command: validate configs, run a local cluster, deploy and wait.
+
+    zeroserve validate serve_config.yaml
+    zeroserve build-models --out models
+    zeroserve start            # local Ray head with one logical GPU (.run/)
+    zeroserve deploy serve_config.demo.yaml
+    zeroserve stop             # only the cluster that `start` started
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from zeroserve.config import ConfigError, load_serve_config, validate_serve_config
+
+__all__ = ["main"]
+
+RUN_DIR = Path(".run")
+
+
+def _print(msg: str = "") -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.configs:
+        try:
+            gateway, models = validate_serve_config(load_serve_config(path))
+        except (ConfigError, OSError) as err:
+            _print(f"{path}: INVALID\n{err}")
+            status = 1
+            continue
+        names = ", ".join(f"{n} ({s.task}, {s.engine}, {s.gpu_fraction:g} GPU)" for n, s in models.items())
+        _print(f"{path}: ok: gateway + {len(models)} models: {names}")
+    return status
+
+
+def cmd_build_models(args: argparse.Namespace) -> int:
+    from zeroserve.demo_models import build_all
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, path in build_all(args.out, args.force).items():
+        _print(f"{name:18s} {path}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from zeroserve.cluster import read_cluster, start_local
+
+    existing = read_cluster(args.run_dir)
+    if existing:
+        _print(f"Ray is already running (pid {existing.pid}); dashboard {existing.dashboard_url}")
+        return 0
+    _print(f"starting a local Ray head with {args.num_gpus} logical GPU(s)...")
+    cluster = start_local(
+        args.run_dir,
+        num_gpus=args.num_gpus,
+        dashboard_port=args.dashboard_port,
+        env={"ZEROSERVE_HOME": str(Path.cwd()), "HF_HUB_OFFLINE": "1"},
+    )
+    _print(f"Ray is up: address {cluster.address}, dashboard {cluster.dashboard_url}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from zeroserve.cluster import stop_local
+
+    _print("stopped the local Ray cluster" if stop_local(args.run_dir) else "no local cluster was running")
+    return 0
+
+
+def _get_json(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_ready(base_url: str, timeout_s: float, expect_models: int | None = None) -> bool:
+    """Poll the gateway until /health is 200 and every model is listed; print progress."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        line = "waiting for the gateway..."
+        try:
+            _get_json(f"{base_url}/health")
+            data = _get_json(f"{base_url}/v1/models")["data"]
+            states = ", ".join(f"{m['id']}: {m['zeroserve']['state']}" for m in data)
+            line = f"gateway ready; models: {states or 'none yet'}"
+            if expect_models is None or len(data) >= expect_models:
+                _print(line)
+                return True
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass
+        if line != last:
+            _print(line)
+            last = line
+        time.sleep(1)
+    return False
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from zeroserve.cluster import read_cluster
+
+    config = load_serve_config(args.config)
+    try:
+        _, models = validate_serve_config(config)
+    except ConfigError as err:
+        _print(f"{args.config}: refused, nothing deployed:\n{err}")
+        return 1
+    address = args.address
+    if address is None:
+        cluster = read_cluster(args.run_dir)
+        if cluster is None:
+            _print("no local cluster: run `zeroserve start` (or `make run`), or pass --address")
+            return 1
+        address = cluster.dashboard_url
+    ServeSubmissionClient(address).deploy_applications(config)
+    http = config.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
+    _print(f"deployed {args.config} to {address}; {len(models)} models")
+    if not wait_ready(base_url, args.timeout, expect_models=len(models)):
+        _print(f"the gateway did not become ready within {args.timeout:.0f} s; see `serve status -a {address}`")
+        return 1
+    first = next(iter(models), "MODEL")
+    _print("")
+    _print(f"  OpenAI endpoint : {base_url}/v1")
+    _print(f"  Ray dashboard   : {address}")
+    _print(f"  models          : {base_url}/v1/models")
+    _print("  try             :")
+    task = models[first].task if models else "embed"
+    if task == "embed":
+        body = f'{{"model": "{first}", "input": "hello"}}'
+        route = "embeddings"
+    else:
+        body = f'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+        route = "chat/completions"
+    _print(f"    curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{body}'")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zeroserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check Serve config files the way the builders will")
+    p.add_argument("configs", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("build-models", help="build the demo models offline")
+    p.add_argument("--out", type=Path, default=Path("models"))
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_build_models)
+
+    p = sub.add_parser("start", help="start a local Ray head with logical GPUs")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    p.add_argument("--num-gpus", type=int, default=int(os.environ.get("ZEROSERVE_GPUS", "1")))
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("stop", help="stop the local cluster that `start` started (only that one)")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("deploy", help="validate, deploy (as `serve deploy` does) and wait until ready")
+    p.add_argument("config")
+    p.add_argument("--address", help="Ray dashboard URL; default: the local cluster")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    p.add_argument("--timeout", type=float, default=300)
+    p.set_defaults(func=cmd_deploy)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Markers by directory: tests/unit -> unit, tests/integration -> integration, tests/gpu -> gpu."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("ZEROSERVE_HOME", str(ROOT))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] in ("unit", "integration", "gpu"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Path]:
+    """The demo models, built once (a no-op when `make` already built them)."""
+    from zeroserve.demo_models import build_all
+
+    return build_all(ROOT / "models")

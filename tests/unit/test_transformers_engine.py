@@ -1,0 +1,90 @@
+"""The transformers engine driven in-process, on the real demo models (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from zeroserve.config import ModelSpec
+from zeroserve.engines import Engine, collect, create_engine
+from zeroserve.errors import InvalidRequestError
+from zeroserve.protocol import GenerateParams
+
+
+def _load(task: str, path: Path, **kw: object) -> Engine:
+    engine = create_engine(ModelSpec(task=task, model=str(path), **kw))  # type: ignore[arg-type]
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def gen(demo_models: dict[str, Path]) -> Engine:
+    return _load("generate", demo_models["tiny-llama"], max_model_len=64)
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    return float(torch.nn.functional.cosine_similarity(torch.tensor(a), torch.tensor(b), dim=0))
+
+
+def test_minilm_embeddings_have_meaning(demo_models: dict[str, Path]) -> None:
+    emb = _load("embed", demo_models["all-MiniLM-L6-v2"])
+    a, para, other = emb.embed(["A man is eating food.", "A man is eating a piece of bread.",
+                                "The new movie is awful."])
+    assert len(a.vector) == 384
+    assert abs(sum(x * x for x in a.vector) - 1) < 1e-4  # normalized, as sentence-transformers does
+    assert _cos(a.vector, para.vector) > _cos(a.vector, other.vector) + 0.3
+    with pytest.raises(InvalidRequestError, match="256"):
+        emb.check_inputs(["word " * 300])
+    with pytest.raises(InvalidRequestError) as err:
+        emb.check_inputs(["x"], dimensions=128)
+    assert err.value.param == "dimensions"
+
+
+def test_classifier_probabilities(demo_models: dict[str, Path]) -> None:
+    cls = _load("classify", demo_models["tiny-sentiment"])
+    good, bad = cls.classify(["I love this, wonderful.", "Terrible and broken."])
+    assert (good.label, bad.label) == ("positive", "negative")
+    assert abs(sum(good.probs) - 1) < 1e-5
+
+
+def test_greedy_equals_transformers_generate(gen: Engine) -> None:
+    from transformers import AutoModelForCausalLM
+
+    prompt = gen.render_chat([{"role": "user", "content": "What is zeroserve?"}])
+    ours = asyncio.run(collect(gen.stream(prompt, GenerateParams(max_tokens=20, temperature=0)), 1))
+    tok = gen.tokenizer  # type: ignore[attr-defined]
+    model = AutoModelForCausalLM.from_pretrained(gen.source)  # type: ignore[attr-defined]
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    expected = tok.decode(ref, skip_special_tokens=True)
+    assert ours.texts[0] == expected
+    assert ours.prompt_tokens == ids.shape[1]
+
+
+def test_seed_makes_sampling_repeatable_and_n_choices(gen: Engine) -> None:
+    params = GenerateParams(max_tokens=12, temperature=1.0, n=3, seed=42)
+    one = asyncio.run(collect(gen.stream("The quick", params), 3))
+    two = asyncio.run(collect(gen.stream("The quick", params), 3))
+    assert one.texts == two.texts and len(one.texts) == 3
+
+
+def test_stop_sequence_truncates(gen: Engine) -> None:
+    prompt = gen.render_chat([{"role": "user", "content": "What is zeroserve?"}])
+    full = asyncio.run(collect(gen.stream(prompt, GenerateParams(max_tokens=20, temperature=0)), 1))
+    word = full.texts[0].split()[2]
+    cut = asyncio.run(collect(gen.stream(prompt, GenerateParams(max_tokens=20, temperature=0, stop=(word,))), 1))
+    assert cut.texts[0] == full.texts[0][: full.texts[0].index(word)]
+    assert cut.finish_reasons == ["stop"]
+
+
+def test_length_finish_and_context_limit(gen: Engine) -> None:
+    out = asyncio.run(collect(gen.stream("The", GenerateParams(max_tokens=3, temperature=0)), 1))
+    assert out.finish_reasons == ["length"] and out.completion_tokens == [3]
+    with pytest.raises(InvalidRequestError, match="maximum context length is 64"):
+        asyncio.run(collect(gen.stream("word " * 80, GenerateParams(max_tokens=3)), 1))
+    with pytest.raises(InvalidRequestError) as err:
+        asyncio.run(collect(gen.stream("The", GenerateParams(max_tokens=100)), 1))
+    assert err.value.param == "max_tokens"
