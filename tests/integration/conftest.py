@@ -1,0 +1,137 @@
+"""One real Ray cluster for the whole integration session, on free loopback ports.
+
+The cluster has one logical GPU, so fractional placement is Ray's real scheduler at
+work. Apps are deployed through the dashboard's REST API, the same call that
+``serve deploy`` makes. The cluster is stopped by its own process group at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from zeroserve.cluster import LocalCluster, free_port, start_local, stop_local
+from zeroserve.config import load_serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Short delays so scale-to-zero is observable within a test.
+FAST_AUTOSCALING = {
+    "min_replicas": 0,
+    "max_replicas": 1,
+    "upscale_delay_s": 0,
+    "downscale_delay_s": 2,
+    "downscale_to_zero_delay_s": 6,
+    "look_back_period_s": 2,
+    "metrics_interval_s": 0.5,
+}
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
+    """Poll until ``condition()`` is truthy; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as err:  # noqa: BLE001 - retried until the deadline
+            last_error = err
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error})")
+
+
+@dataclass
+class Pool:
+    """The running cluster and how to reach it."""
+
+    cluster: LocalCluster
+    http_port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def openai(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kw)
+
+    def details(self) -> dict[str, Any]:
+        resp = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=30)
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+    def replicas(self, app: str) -> list[dict[str, Any]]:
+        apps = self.details().get("applications", {})
+        if app not in apps:
+            return []
+        deps = apps[app]["deployments"]
+        return [r for d in deps.values() for r in d["replicas"]]
+
+    def running_replica_ids(self, app: str) -> set[str]:
+        return {r["replica_id"] for r in self.replicas(app) if r["state"] == "RUNNING"}
+
+    def config(self, models: dict[str, dict[str, Any]] | None = None, **gateway_args: Any) -> dict[str, Any]:
+        """The demo config on this pool's port, with fast autoscaling; ``models`` replaces its models."""
+        cfg = load_serve_config(ROOT / "serve_config.demo.yaml")
+        cfg["http_options"] = {"host": "127.0.0.1", "port": self.http_port}
+        apps = cfg["applications"]
+        gateway = apps[0]
+        gateway["args"] = {**gateway["args"], **gateway_args}
+        if models is None:
+            models = {a["name"]: a["args"] for a in apps[1:]}
+        cfg["applications"] = [gateway] + [
+            {"name": name, "route_prefix": None, "import_path": "deployments.model:build",
+             "args": {**copy.deepcopy(args),
+                      "autoscaling": {**FAST_AUTOSCALING, **args.get("autoscaling", {})}}}
+            for name, args in models.items()
+        ]
+        return cfg
+
+    def deploy(self, config: dict[str, Any], timeout_s: float = 120) -> None:
+        """Deploy as `serve deploy` does, then wait for every app and the gateway."""
+        resp = httpx.put(f"{self.cluster.dashboard_url}/api/serve/applications/", json=config, timeout=60)
+        resp.raise_for_status()
+        names = {a["name"] for a in config["applications"]}
+
+        def settled() -> bool:
+            apps = self.details().get("applications", {})
+            return set(apps) == names and all(apps[n]["status"] == "RUNNING" for n in names)
+
+        wait_for(settled, timeout_s, f"apps {sorted(names)} to be RUNNING")
+        expected = names - {"gateway"}
+
+        def listed() -> bool:
+            resp = httpx.get(f"{self.base_url}/v1/models", timeout=10)
+            return resp.status_code == 200 and {m["id"] for m in resp.json()["data"]} == expected
+
+        wait_for(listed, 60, "the gateway to list the deployed models")
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Pool]:
+    run_dir = tmp_path_factory.mktemp("ray-run")
+    cluster = start_local(
+        run_dir,
+        num_gpus=1,
+        env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1", "ZEROSERVE_LOG_LEVEL": "INFO"},
+    )
+    try:
+        yield Pool(cluster, free_port())
+    finally:
+        stop_local(run_dir)
+
+
+@pytest.fixture(scope="module")
+def demo(pool: Pool) -> Pool:
+    """The demo models deployed (cold) with fast autoscaling."""
+    pool.deploy(pool.config())
+    return pool
