@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ class ModelServer:
     def __init__(
         self, spec: dict[str, Any], engine_factory: Callable[[ModelSpec], Engine] | None = None
     ) -> None:
+        self.started_at = time.time()
         configure_logging()
         self.spec = ModelSpec.model_validate(spec)
         self.engine = (engine_factory or create_engine)(self.spec)
@@ -46,6 +48,7 @@ class ModelServer:
         self._classify_batch.set_max_batch_size(self.spec.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.ready_at = time.time()
 
     def check_health(self) -> None:
         self.engine.health()
@@ -84,7 +87,13 @@ class ModelServer:
             yield delta
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes)}
+        """Start-up timings and recent batch sizes (for benchmarks and operators)."""
+        return {
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+            "engine_timings": dict(getattr(self.engine, "timings", {})),
+            "batch_sizes": list(self.batch_sizes),
+        }
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -212,13 +212,15 @@ BUILDERS = {
 }
 
 
-def build_all(root: Path, force: bool = False) -> dict[str, Path]:
-    """Build every demo model under ``root``; skip those already built by this version."""
+def build_all(root: Path, force: bool = False, names: list[str] | None = None) -> dict[str, Path]:
+    """Build the demo models (all, or ``names``) under ``root``; skip those already built."""
     import torch
 
     torch.set_num_threads(2)
     built = {}
     for name, builder in BUILDERS.items():
+        if names is not None and name not in names:
+            continue
         out = root / name
         stamp = out / ".zeroserve-build.json"
         if not force and stamp.is_file() and json.loads(stamp.read_text()) == {

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,15 @@ class TransformersEngine(Engine):
         self._pooling = "mean"
         self._normalize = True
         self._broken: str | None = None
+        self.timings: dict[str, float] = {}
 
     # -- loading -------------------------------------------------------------------
     def load(self) -> None:
+        start = time.perf_counter()
         import torch
         import transformers
 
+        self.timings["import_s"] = time.perf_counter() - start
         settings = get_settings()
         torch.set_num_threads(settings.torch_threads)
         if torch.cuda.is_available():
@@ -61,6 +65,7 @@ class TransformersEngine(Engine):
             "local_files_only": not settings.allow_hub_download,
             "trust_remote_code": False,
         }
+        start = time.perf_counter()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, **common)
         auto = {
             "embed": transformers.AutoModel,
@@ -69,6 +74,7 @@ class TransformersEngine(Engine):
         }[self.spec.task]
         model = auto.from_pretrained(self.source, dtype=self._dtype(torch), **common)
         self.model = model.to(self.device).eval()
+        self.timings["weights_s"] = time.perf_counter() - start
         self.max_len = self._context_length()
         if self.spec.task == "embed":
             self._read_pooling()

@@ -1,0 +1,81 @@
+"""Shared set-up for the benchmarks: a private local cluster and the demo config."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from zeroserve.cluster import LocalCluster, free_port, start_local, stop_local  # noqa: E402
+from zeroserve.config import load_serve_config  # noqa: E402
+
+
+def machine() -> str:
+    import ray
+    import torch
+    import transformers
+
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                         capture_output=True, text=True).stdout.strip()
+    return (f"{platform.node()}: {cpu}, {subprocess.getoutput('nproc')} cores; Python "
+            f"{platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(name: str, values_ms: list[float]) -> str:
+    return (f"| {name} | {len(values_ms)} | {statistics.median(values_ms):.2f} | "
+            f"{pct(values_ms, 99):.2f} | {statistics.mean(values_ms):.2f} |")
+
+
+@contextmanager
+def cluster() -> Iterator[tuple[LocalCluster, int]]:
+    run_dir = ROOT / ".run-bench"
+    c = start_local(run_dir, num_gpus=1, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                               "ZEROSERVE_LOG_LEVEL": "WARNING"})
+    try:
+        yield c, free_port()
+    finally:
+        stop_local(run_dir)
+
+
+def demo_config(port: int, autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = copy.deepcopy(load_serve_config(ROOT / "serve_config.demo.yaml"))
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    for app in cfg["applications"][1:]:
+        app["args"]["autoscaling"] = {**app["args"].get("autoscaling", {}), **(autoscaling or {})}
+    return cfg
+
+
+def deploy(c: LocalCluster, cfg: dict[str, Any], port: int, timeout_s: float = 300) -> None:
+    httpx.put(f"{c.dashboard_url}/api/serve/applications/", json=cfg, timeout=60).raise_for_status()
+    wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
+         timeout_s)
+
+
+def wait(cond: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("condition not met")
