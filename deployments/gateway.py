@@ -103,7 +103,16 @@ class ServeBackend:
             raise _translate(err, entry, self.spec.retry_after_s) from None
 
     async def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
-        response = self._handle(entry).options(stream=True).stream.remote(prompt, params)
+        async for item in self._stream(entry, "stream", prompt, params):
+            yield item
+
+    async def openai(self, entry: ModelEntry, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        async for item in self._stream(entry, "openai", endpoint, body):
+            yield item
+
+    async def _stream(self, entry: ModelEntry, method: str, *args: Any) -> AsyncIterator[Any]:
+        handle = self._handle(entry).options(stream=True)
+        response = getattr(handle, method).remote(*args)
         try:
             async for delta in response:
                 yield delta

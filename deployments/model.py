@@ -35,14 +35,15 @@ class ModelServer:
         engine_factory: builds the engine; tests inject a fake one.
     """
 
-    def __init__(
-        self, spec: dict[str, Any], engine_factory: Callable[[ModelSpec], Engine] | None = None
+    async def __init__(  # type: ignore[misc]  # Serve supports async constructors
+        self, spec: dict[str, Any], engine_factory: Callable[..., Engine] | None = None
     ) -> None:
         self.started_at = time.time()
         configure_logging()
         self.spec = ModelSpec.model_validate(spec)
-        self.engine = (engine_factory or create_engine)(self.spec)
-        self.engine.load()
+        self.name = serve.get_replica_context().app_name
+        self.engine = (engine_factory or create_engine)(self.spec, self.name)
+        await self.engine.start()
         self._embed_batch.set_max_batch_size(self.spec.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self._classify_batch.set_max_batch_size(self.spec.max_batch_size)
@@ -86,6 +87,11 @@ class ModelServer:
         async for delta in self.engine.stream(text, params):
             yield delta
 
+    async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """An OpenAI request served by the engine's own OpenAI layer (vLLM)."""
+        async for item in self.engine.openai(endpoint, body):
+            yield item
+
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""
         return {
@@ -93,6 +99,7 @@ class ModelServer:
             "ready_at": self.ready_at,
             "engine_timings": dict(getattr(self.engine, "timings", {})),
             "batch_sizes": list(self.batch_sizes),
+            "peak_running_requests": getattr(self.engine, "peak_running_requests", None),
         }
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "EmbeddingRequest",
     "ClassifyRequest",
     "GenerateParams",
+    "PassthroughRequest",
     "Usage",
     "new_id",
 ]
@@ -214,6 +215,19 @@ class ClassifyRequest(_Request):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class PassthroughRequest(_Request):
+    """What the gateway checks of a request it forwards to an engine's own OpenAI layer
+    (vLLM): routing fields and the pool's caps. The engine validates everything else."""
+
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class Usage(BaseModel):

@@ -87,7 +87,10 @@ class Pool:
         gateway = apps[0]
         gateway["args"] = {**gateway["args"], **gateway_args}
         if models is None:
-            models = {a["name"]: a["args"] for a in apps[1:]}
+            # The demo's own delays are minutes long: the fast ones win here.
+            models = {a["name"]: {**a["args"], "autoscaling": {**a["args"].get("autoscaling", {}),
+                                                               **FAST_AUTOSCALING}}
+                      for a in apps[1:]}
         cfg["applications"] = [gateway] + [
             {"name": name, "route_prefix": None, "import_path": "deployments.model:build",
              "args": {**copy.deepcopy(args),

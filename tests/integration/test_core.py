@@ -19,6 +19,7 @@ from .conftest import Pool, wait_for
 EMB = "all-MiniLM-L6-v2"
 GEN = "tiny-llama"
 CLS = "tiny-sentiment"
+VLLM = "tiny-llama-vllm"
 
 
 def _states(pool: Pool) -> dict[str, str]:
@@ -34,12 +35,12 @@ def _cos(a: list[float], b: list[float]) -> float:
 def test_listing_models_wakes_none(demo: Pool) -> None:
     wait_for(lambda: all(s == "cold" for s in _states(demo).values()), 60, "all models cold")
     models = demo.openai().models.list()
-    assert {m.id for m in models.data} == {EMB, GEN, CLS}
+    assert {m.id for m in models.data} == {EMB, GEN, CLS, VLLM}
     for _ in range(5):
         demo.openai().models.list()
         httpx.get(f"{demo.base_url}/v1/models/{GEN}", timeout=10)
     time.sleep(1)  # give a (wrong) wake-up the chance to show
-    for app in (EMB, GEN, CLS):
+    for app in (EMB, GEN, CLS, VLLM):
         assert demo.replicas(app) == [], f"{app} was woken by a listing"
     assert set(_states(demo).values()) == {"cold"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from zeroserve.protocol import GenerateParams
 
@@ -59,6 +60,10 @@ class Engine(abc.ABC):
     def load(self) -> None:
         """Load weights and tokenizer; raise if the model cannot be served."""
 
+    async def start(self) -> None:
+        """Load, from an event loop (engines with async start-up override this)."""
+        self.load()
+
     @abc.abstractmethod
     def health(self) -> None:
         """Raise if the engine can no longer serve."""
@@ -77,6 +82,14 @@ class Engine(abc.ABC):
         raise NotImplementedError
 
     def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """Serve an OpenAI request with the engine's own OpenAI layer (vLLM).
+
+        Yields ``("json", response_dict)`` once, or ``("sse", None)`` followed by the
+        ``data: ...`` lines of a stream.
+        """
         raise NotImplementedError
 
 

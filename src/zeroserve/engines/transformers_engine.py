@@ -289,8 +289,9 @@ class TransformersEngine(Engine):
                     tok = int(nxt[i])
                     if tok in eos:
                         done[i] = True
+                        # The end-of-sequence token was generated too: count it, as vLLM does.
                         emit(Delta(i, sent_rest(self, tokens[i], sent[i], stops), "stop",
-                                   completion_tokens=len(tokens[i])))
+                                   completion_tokens=len(tokens[i]) + 1))
                         continue
                     tokens[i].append(tok)
                     text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)

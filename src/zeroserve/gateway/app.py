@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -45,6 +45,7 @@ from zeroserve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     GenerateParams,
+    PassthroughRequest,
     new_id,
     now,
 )
@@ -71,8 +72,8 @@ class Admission:
         self.total = 0
         self.per_model: Counter[str] = Counter()
 
-    @contextlib.contextmanager
-    def slot(self, model: str) -> Any:
+    def acquire(self, model: str) -> None:
+        """Take a slot for ``model`` or raise :class:`OverloadedError`."""
         if self.total >= self.total_limit:
             raise OverloadedError(
                 f"the server has {self.total} requests in flight (limit {self.total_limit}); "
@@ -89,11 +90,18 @@ class Admission:
             )
         self.total += 1
         self.per_model[model] += 1
+
+    def release(self, model: str) -> None:
+        self.total -= 1
+        self.per_model[model] -= 1
+
+    @contextlib.contextmanager
+    def slot(self, model: str) -> Iterator[None]:
+        self.acquire(model)
         try:
             yield
         finally:
-            self.total -= 1
-            self.per_model[model] -= 1
+            self.release(model)
 
 
 def _error_response(err: ZeroserveError, request_id: str | None = None) -> JSONResponse:
@@ -167,7 +175,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         return response
 
     # -- helpers -----------------------------------------------------------------
-    async def parse(request: Request, model_cls: type[_T]) -> _T:
+    async def read_json(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > spec.max_body_bytes:
             raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
@@ -184,6 +192,9 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             raise InvalidRequestError("the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the body must be a JSON object")
+        return data
+
+    def validate(data: dict[str, Any], model_cls: type[_T]) -> _T:
         try:
             return model_cls.model_validate(data)
         except ValidationError as err:
@@ -229,7 +240,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         except TimeoutError:
             raise wake_error(entry, budget) from None
 
-    def generate_params(req: ChatCompletionRequest | CompletionRequest, entry: ModelEntry) -> GenerateParams:
+    def check_caps(req: ChatCompletionRequest | CompletionRequest | PassthroughRequest, entry: ModelEntry) -> None:
         assert entry.spec is not None
         max_tokens = req.requested_max_tokens()
         if max_tokens is not None and max_tokens > entry.spec.max_tokens_cap:
@@ -238,11 +249,16 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                 f"{entry.spec.max_tokens_cap}",
                 param="max_tokens",
             )
-        n = req.n or 1
-        if n > entry.spec.max_n:
+        if (req.n or 1) > entry.spec.max_n:
             raise InvalidRequestError(
-                f"n = {n} is above this model's cap of {entry.spec.max_n}", param="n"
+                f"n = {req.n} is above this model's cap of {entry.spec.max_n}", param="n"
             )
+
+    def generate_params(req: ChatCompletionRequest | CompletionRequest, entry: ModelEntry) -> GenerateParams:
+        assert entry.spec is not None
+        check_caps(req, entry)
+        max_tokens = req.requested_max_tokens()
+        n = req.n or 1
         return GenerateParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -251,6 +267,40 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             stop=req.stop_list(),
             seed=req.seed,
         )
+
+    async def passthrough(entry: ModelEntry, endpoint: str, body: dict[str, Any], request_id: str) -> Response:
+        """Forward to the engine's own OpenAI layer; keep admission, deadlines and errors."""
+        admission.acquire(entry.name)
+        stream = backend.openai(entry, endpoint, body)
+        try:
+            kind, payload = await bounded(entry, stream.__anext__())
+        except StopAsyncIteration:
+            admission.release(entry.name)
+            raise ModelUnavailableError(f"model '{entry.name}' returned nothing", retry_after_s=1) from None
+        except BaseException:
+            admission.release(entry.name)
+            raise
+        if kind == "json":
+            admission.release(entry.name)
+            return JSONResponse(payload)
+
+        async def events() -> AsyncIterator[str]:
+            deadline = time.monotonic() + spec.request_timeout_s
+            try:
+                while True:
+                    remaining = max(deadline - time.monotonic(), 0.001)
+                    try:
+                        yield await asyncio.wait_for(stream.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        break
+            except Exception as err:  # noqa: BLE001 - in-band: the headers are sent
+                yield _stream_error(err, request_id)
+                yield "data: [DONE]\n\n"
+            finally:
+                admission.release(entry.name)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- routes ------------------------------------------------------------------
     @app.get("/health")
@@ -300,9 +350,13 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         return model_card(entry)
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
-        req = await parse(request, EmbeddingRequest)
-        entry = await lookup(req.model, "embed", "embeddings")
+    async def embeddings(request: Request) -> Any:
+        data = await read_json(request)
+        head = validate(data, PassthroughRequest)
+        entry = await lookup(head.model, "embed", "embeddings")
+        if entry.spec is not None and entry.spec.engine == "vllm":
+            return await passthrough(entry, "embeddings", data, request.state.request_id)
+        req = validate(data, EmbeddingRequest)
         texts = req.texts()
         with admission.slot(entry.name):
             result = await bounded(entry, backend.embed(entry, texts, req.dimensions))
@@ -320,9 +374,13 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    async def classify(request: Request) -> dict[str, Any]:
-        req = await parse(request, ClassifyRequest)
-        entry = await lookup(req.model, "classify", "classification")
+    async def classify(request: Request) -> Any:
+        data = await read_json(request)
+        head = validate(data, PassthroughRequest)
+        entry = await lookup(head.model, "classify", "classification")
+        if entry.spec is not None and entry.spec.engine == "vllm":
+            return await passthrough(entry, "classify", data, request.state.request_id)
+        req = validate(data, ClassifyRequest)
         with admission.slot(entry.name):
             result = await bounded(entry, backend.classify(entry, req.texts()))
         tokens = sum(c.num_tokens for c in result)
@@ -353,10 +411,9 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
     async def run_generation(
         request: Request,
         req: ChatCompletionRequest | CompletionRequest,
+        entry: ModelEntry,
         chat: bool,
     ) -> Response:
-        task_name = "chat completions" if chat else "completions"
-        entry = await lookup(req.model, "generate", task_name)
         params = generate_params(req, entry)
         if isinstance(req, ChatCompletionRequest):
             prompts: list[Prompt] = [[{"role": m.role, "content": m.text()} for m in req.messages]]
@@ -366,13 +423,12 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         ident = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         obj = "chat.completion" if chat else "text_completion"
-        slot = admission.slot(entry.name)
-        slot.__enter__()
+        admission.acquire(entry.name)
         try:
             streams = [backend.stream(entry, p, params) for p in prompts]
             firsts = await asyncio.gather(*(first_delta(entry, s) for s in streams))
         except BaseException:
-            slot.__exit__(None, None, None)
+            admission.release(entry.name)
             raise
         prompt_tokens = sum(d.prompt_tokens for d in firsts)
         n = params.n
@@ -389,7 +445,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                     retry_after_s=spec.retry_after_s,
                 ) from None
             finally:
-                slot.__exit__(None, None, None)
+                admission.release(entry.name)
             choices = []
             completion_tokens = 0
             for p_idx, (texts, reasons, counts) in enumerate(outputs):
@@ -470,34 +526,48 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                     })
                 yield "data: [DONE]\n\n"
             except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
-                if isinstance(err, ZeroserveError):
-                    body = err.body()
-                elif isinstance(err, TimeoutError):
-                    body = error_body("the model did not finish in time", "timeout", code="timeout")
-                else:
-                    logger.exception("[%s] stream failed", request_id)
-                    body = error_body("the model failed while streaming", "internal_error")
-                yield f"data: {json.dumps(body)}\n\n"
+                yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
             finally:
-                slot.__exit__(None, None, None)
+                admission.release(entry.name)
 
         return StreamingResponse(
             events(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def generation_route(request: Request, chat: bool) -> Response:
+        data = await read_json(request)
+        head = validate(data, PassthroughRequest)
+        entry = await lookup(head.model, "generate", "chat completions" if chat else "completions")
+        if entry.spec is not None and entry.spec.engine == "vllm":
+            check_caps(head, entry)
+            endpoint = "chat/completions" if chat else "completions"
+            return await passthrough(entry, endpoint, data, request.state.request_id)
+        req = validate(data, ChatCompletionRequest if chat else CompletionRequest)
+        return await run_generation(request, req, entry, chat=chat)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await parse(request, ChatCompletionRequest)
-        return await run_generation(request, req, chat=True)
+        return await generation_route(request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await parse(request, CompletionRequest)
-        return await run_generation(request, req, chat=False)
+        return await generation_route(request, chat=False)
 
     return app
+
+
+def _stream_error(err: Exception, request_id: str) -> str:
+    """An SSE error event for a stream whose headers are already sent."""
+    if isinstance(err, ZeroserveError):
+        body = err.body()
+    elif isinstance(err, TimeoutError):
+        body = error_body("the model did not finish in time", "timeout", code="timeout")
+    else:
+        logger.exception("[%s] stream failed", request_id, exc_info=err)
+        body = error_body("the model failed while streaming", "internal_error")
+    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _drain(stream: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], list[int]]:

@@ -7,7 +7,7 @@ applications through ``DeploymentHandle``s; tests can substitute another one.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from zeroserve.engines.base import Classification, Delta, Embedding
 from zeroserve.gateway.registry import ModelEntry
@@ -31,4 +31,11 @@ class Backend(Protocol):
 
     def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
         """Deltas of a generation; the first one (index -1) means the prompt was accepted."""
+        ...
+
+    def openai(self, entry: ModelEntry, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """Forward an OpenAI request to the engine's own OpenAI layer (vLLM models).
+
+        Yields ``("json", dict)`` once, or ``("sse", None)`` and then ``data:`` lines.
+        """
         ...

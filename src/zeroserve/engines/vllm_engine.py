@@ -1,0 +1,252 @@
+"""A vLLM engine that reuses vLLM's own OpenAI serving layer.
+
+Chat templates, sampling-parameter mapping, logprobs, tool-call and reasoning parsers,
+usage accounting and SSE framing all come from vLLM (``init_app_state`` with arguments
+parsed by vLLM's own CLI parser, so every default is vLLM's). zeroserve adds what the
+shared pool needs: a memory budget derived from the model's GPU fraction, engine starts
+serialized per physical GPU, and errors in zeroserve's types.
+
+No Ray here: the Serve deployment drives this class, and a test can drive it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from zeroserve.config import ModelSpec, VLLMOptions, resolve_model_source
+from zeroserve.engines.base import Engine
+from zeroserve.errors import (
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    ZeroserveError,
+)
+from zeroserve.locks import gpu_start_lock
+from zeroserve.memory import vllm_memory_utilization
+from zeroserve.settings import get_settings
+
+__all__ = ["VLLMEngine", "vllm_cli_args"]
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "classify")
+
+
+def vllm_cli_args(
+    spec: ModelSpec, name: str, source: str, cuda: bool, total_bytes: int | None
+) -> list[str]:
+    """The ``vllm serve`` arguments for a model spec (a pure function, unit-tested).
+
+    Args:
+        spec: the model spec.
+        name: the served model name (the model's API name).
+        source: local path or hub id.
+        cuda: whether the engine runs on a CUDA GPU.
+        total_bytes: the GPU's memory, when ``cuda``.
+    """
+    opts = spec.vllm or VLLMOptions()
+    dtype = spec.dtype
+    if dtype == "auto" and not cuda:
+        dtype = "float32"  # measured: the CPU backend's float32 path is the reliable one here
+    argv = ["--model", source, "--served-model-name", name, "--dtype", dtype, "--seed", "0"]
+    if spec.task == "embed":
+        argv += ["--runner", "pooling", "--convert", "embed"]
+    elif spec.task == "classify":
+        argv += ["--runner", "pooling", "--convert", "classify"]
+    if spec.max_model_len:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if cuda:
+        assert total_bytes is not None
+        util = vllm_memory_utilization(
+            spec.gpu_fraction, total_bytes, opts.gpu_memory_utilization, model=name
+        )
+        argv += ["--gpu-memory-utilization", str(util)]
+    if opts.enforce_eager or (opts.enforce_eager is None and not cuda):
+        argv.append("--enforce-eager")
+    if opts.quantization:
+        argv += ["--quantization", opts.quantization]
+    if opts.max_num_seqs:
+        argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+    if opts.enable_prefix_caching is not None:
+        argv.append("--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching")
+    if not get_settings().allow_hub_download and not spec.is_local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return argv
+
+
+class _RunningRequests:
+    """A vLLM stat logger that remembers how many requests ran in one engine step."""
+
+    peak = 0
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            running = int(getattr(scheduler_stats, "num_running_reqs", 0))
+            _RunningRequests.peak = max(_RunningRequests.peak, running)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+
+class VLLMEngine(Engine):
+    """Serve one model with vLLM's AsyncLLM and vLLM's OpenAI handlers.
+
+    Args:
+        spec: the model spec (``engine: vllm``).
+        name: the model's API name; vLLM checks requests' ``model`` against it.
+    """
+
+    def __init__(self, spec: ModelSpec, name: str | None = None) -> None:
+        self.spec = spec
+        self.name = name or spec.model
+        self.source = resolve_model_source(spec)
+        self.client: Any = None
+        self.state: Any = None
+        self.timings: dict[str, float] = {}
+        self.device = "cpu"
+
+    def load(self) -> None:
+        raise RuntimeError("VLLMEngine starts asynchronously: await engine.start()")
+
+    async def start(self) -> None:
+        opts = self.spec.vllm or VLLMOptions()
+        start = time.perf_counter()
+        import torch
+
+        cuda = torch.cuda.is_available()
+        self.device = "cuda" if cuda else "cpu"
+        if not cuda:
+            # Set before vLLM reads its environment (at import and engine creation).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{opts.cpu_kv_cache_space_gb:g}")
+        if opts.multiprocessing is not None:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if opts.multiprocessing else "0"
+        elif not cuda:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.timings["import_s"] = time.perf_counter() - start
+        total = torch.cuda.get_device_properties(0).total_memory if cuda else None
+        argv = vllm_cli_args(self.spec, self.name, self.source, cuda, total)
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+        validate_parsed_serve_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        logger.info("starting vLLM for %s: %s", self.name, " ".join(argv))
+
+        start = time.perf_counter()
+        gpu_id = str(torch.cuda.get_device_properties(0).uuid) if cuda else None
+        if gpu_id is not None:
+            with gpu_start_lock(gpu_id) as waited:
+                self.timings["start_lock_wait_s"] = waited
+                self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])
+        else:
+            self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])
+        self.timings["weights_s"] = time.perf_counter() - start
+        tasks = await self.client.get_supported_tasks()
+        self.state = State()
+        await init_app_state(self.client, self.state, args, tasks)
+        logger.info("vLLM ready for %s (tasks %s) in %.1f s", self.name, tasks,
+                    time.perf_counter() - start)
+
+    def health(self) -> None:
+        if self.client is None:
+            raise RuntimeError("engine not started")
+        if getattr(self.client, "errored", False):
+            raise RuntimeError(f"vLLM engine errored: {getattr(self.client, 'dead_error', '')}")
+
+    @property
+    def peak_running_requests(self) -> int:
+        return _RunningRequests.peak
+
+    def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
+        return None  # vLLM validates inputs itself
+
+    def _handler(self, endpoint: str) -> tuple[type[Any], Any]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+        s = self.state
+        table: dict[str, tuple[type[Any], Any]] = {
+            "chat/completions": (ChatCompletionRequest, getattr(s.openai_serving_chat, "create_chat_completion", None)),
+            "completions": (CompletionRequest, getattr(s.openai_serving_completion, "create_completion", None)),
+            "embeddings": (EmbeddingCompletionRequest, getattr(s, "serving_embedding", None)),
+            "classify": (ClassificationCompletionRequest, getattr(s, "serving_classification", None)),
+        }
+        cls, handler = table.get(endpoint, (None, None))
+        if cls is None or handler is None:
+            raise InvalidRequestError(f"model '{self.name}' does not serve /{endpoint}", param="model")
+        return cls, handler
+
+    async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        from pydantic import BaseModel, ValidationError
+        from starlette.responses import Response
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError, VLLMNotFoundError
+
+        cls, handler = self._handler(endpoint)
+        try:
+            request = cls.model_validate(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            param = str(first["loc"][0]) if first["loc"] else None
+            raise InvalidRequestError(f"{loc}: {first['msg']}", param=param) from None
+        try:
+            result = await handler(request, None)
+        except VLLMNotFoundError as err:
+            raise InvalidRequestError(str(err.args[0]) if err.args else str(err), code="not_found") from None
+        except VLLMClientError as err:
+            message = str(err.args[0]) if err.args else str(err)
+            raise InvalidRequestError(message, param=getattr(err, "parameter", None)) from None
+        except (ValueError, TypeError, OverflowError) as err:
+            # vLLM's own HTTP layer answers these with 400 as well.
+            raise InvalidRequestError(str(err)) from None
+        if isinstance(result, ErrorResponse):
+            raise _error_from_vllm(result.error.code, result.error.message, result.error.param)
+        if isinstance(result, Response):
+            data = json.loads(bytes(result.body))
+            if result.status_code >= 400:
+                error = data.get("error", {})
+                raise _error_from_vllm(result.status_code, error.get("message", ""), error.get("param"))
+            yield ("json", data)
+            return
+        if isinstance(result, BaseModel):
+            yield ("json", result.model_dump(mode="json", exclude_unset=False))
+            return
+        yield ("sse", None)
+        async for line in result:
+            yield line
+
+
+def _error_from_vllm(code: int, message: str, param: str | None) -> ZeroserveError:
+    if code == 404:
+        return ModelNotFoundError(str(param or "model"))
+    if 400 <= code < 500:
+        return InvalidRequestError(message, param=param)
+    if code == 503:
+        return ModelUnavailableError(message, retry_after_s=1)
+    logger.error("vLLM error %s: %s", code, message)
+    return EngineError("the model's engine failed on this request")

