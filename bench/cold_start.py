@@ -44,8 +44,13 @@ def main() -> None:
     from ray import serve
 
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in REQUESTS}
-    fast = {"downscale_delay_s": 1, "downscale_to_zero_delay_s": 3, "look_back_period_s": 1,
-            "metrics_interval_s": 0.5, "upscale_delay_s": 0}
+    fast = {
+        "downscale_delay_s": 1,
+        "downscale_to_zero_delay_s": 3,
+        "look_back_period_s": 1,
+        "metrics_interval_s": 0.5,
+        "upscale_delay_s": 0,
+    }
     with cluster() as (c, port):
         deploy(c, demo_config(port, fast), port)
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
@@ -53,23 +58,29 @@ def main() -> None:
         for _ in range(args.rounds):
             for model, (route, body) in REQUESTS.items():
                 # Wait until the model is really at zero.
-                wait(lambda m=model: httpx.get(f"http://127.0.0.1:{port}/v1/models/{m}").json()
-                     ["zeroserve"]["state"] == "cold", 120)
+                wait(
+                    lambda m=model: (
+                        httpx.get(f"http://127.0.0.1:{port}/v1/models/{m}").json()["zeroserve"]["state"] == "cold"
+                    ),
+                    120,
+                )
                 t0 = time.time()
                 http.post(f"http://127.0.0.1:{port}{route}", json={"model": model, **body}).raise_for_status()
                 t_end = time.time()
                 stats = serve.get_app_handle(model).stats.remote().result()
                 eng = stats["engine_timings"]
                 load = stats["ready_at"] - stats["started_at"]
-                rows[model].append({
-                    "total": t_end - t0,
-                    "schedule+process": stats["started_at"] - t0,
-                    "imports": eng.get("import_s", 0.0),
-                    "weights": eng.get("weights_s", 0.0),
-                    "other init": load - eng.get("import_s", 0.0) - eng.get("weights_s", 0.0),
-                    "first answer": t_end - stats["ready_at"],
-                    "disk read": read_weights(ROOT / "models" / model),
-                })
+                rows[model].append(
+                    {
+                        "total": t_end - t0,
+                        "schedule+process": stats["started_at"] - t0,
+                        "imports": eng.get("import_s", 0.0),
+                        "weights": eng.get("weights_s", 0.0),
+                        "other init": load - eng.get("import_s", 0.0) - eng.get("weights_s", 0.0),
+                        "first answer": t_end - stats["ready_at"],
+                        "disk read": read_weights(ROOT / "models" / model),
+                    }
+                )
         ray.shutdown()
 
     print(f"machine: {machine()}")

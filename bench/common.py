@@ -27,11 +27,14 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    return (f"{platform.node()}: {cpu}, {subprocess.getoutput('nproc')} cores; Python "
-            f"{platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}")
+    cpu = subprocess.run(
+        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{platform.node()}: {cpu}, {subprocess.getoutput('nproc')} cores; Python "
+        f"{platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -40,15 +43,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(name: str, values_ms: list[float]) -> str:
-    return (f"| {name} | {len(values_ms)} | {statistics.median(values_ms):.2f} | "
-            f"{pct(values_ms, 99):.2f} | {statistics.mean(values_ms):.2f} |")
+    return (
+        f"| {name} | {len(values_ms)} | {statistics.median(values_ms):.2f} | "
+        f"{pct(values_ms, 99):.2f} | {statistics.mean(values_ms):.2f} |"
+    )
 
 
 @contextmanager
 def cluster() -> Iterator[tuple[LocalCluster, int]]:
     run_dir = ROOT / ".run-bench"
-    c = start_local(run_dir, num_gpus=1, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1",
-                                               "ZEROSERVE_LOG_LEVEL": "WARNING"})
+    c = start_local(
+        run_dir, num_gpus=1, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1", "ZEROSERVE_LOG_LEVEL": "WARNING"}
+    )
     try:
         yield c, free_port()
     finally:
@@ -65,8 +71,7 @@ def demo_config(port: int, autoscaling: dict[str, Any] | None = None) -> dict[st
 
 def deploy(c: LocalCluster, cfg: dict[str, Any], port: int, timeout_s: float = 300) -> None:
     httpx.put(f"{c.dashboard_url}/api/serve/applications/", json=cfg, timeout=60).raise_for_status()
-    wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
-         timeout_s)
+    wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200, timeout_s)
 
 
 def wait(cond: Callable[[], bool], timeout_s: float) -> None:

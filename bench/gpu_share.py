@@ -30,10 +30,18 @@ def build_model(out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny-llama")
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                      max_position_embeddings=4096, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
@@ -52,8 +60,9 @@ def worker(rank: int, path: str, fraction: float, barrier: object, results: obje
     from zeroserve.protocol import GenerateParams
 
     t0 = time.perf_counter()
-    engine = create_engine(ModelSpec(task="generate", model=path, gpu_fraction=fraction,
-                                     dtype="bfloat16", max_tokens_cap=512))
+    engine = create_engine(
+        ModelSpec(task="generate", model=path, gpu_fraction=fraction, dtype="bfloat16", max_tokens_cap=512)
+    )
     engine.load()
     load_s = time.perf_counter() - t0
     barrier.wait()  # type: ignore[attr-defined]
@@ -61,8 +70,7 @@ def worker(rank: int, path: str, fraction: float, barrier: object, results: obje
     async def run() -> tuple[int, float]:
         params = GenerateParams(max_tokens=128, temperature=0.8, seed=rank, n=4)
         start = time.perf_counter()
-        outs = await asyncio.gather(*(collect(engine.stream(f"The quick {i}", params), 4)
-                                      for i in range(8)))
+        outs = await asyncio.gather(*(collect(engine.stream(f"The quick {i}", params), 4) for i in range(8)))
         return sum(sum(o.completion_tokens) for o in outs), time.perf_counter() - start
 
     tokens, secs = asyncio.run(run())
@@ -74,8 +82,18 @@ def worker(rank: int, path: str, fraction: float, barrier: object, results: obje
             torch.empty(int((fraction + 0.05) * total), dtype=torch.uint8, device="cuda")
     except ModelUnavailableError:
         refused = True
-    results.put({"rank": rank, "pid": os.getpid(), "load_s": load_s, "tokens": tokens,  # type: ignore[attr-defined]
-                 "gen_s": secs, "peak_reserved": peak, "total": total, "refused_over_share": refused})
+    results.put(
+        {
+            "rank": rank,
+            "pid": os.getpid(),
+            "load_s": load_s,
+            "tokens": tokens,  # type: ignore[attr-defined]
+            "gen_s": secs,
+            "peak_reserved": peak,
+            "total": total,
+            "refused_over_share": refused,
+        }
+    )
     barrier.wait()  # type: ignore[attr-defined]  # hold memory while the parent reads nvidia-smi
     barrier.wait()  # type: ignore[attr-defined]
 
@@ -94,16 +112,18 @@ def main() -> None:
     results = ctx.Queue()
     fraction = 1.0 / args.engines
     start = time.perf_counter()
-    procs = [ctx.Process(target=worker, args=(r, str(path), fraction, barrier, results))
-             for r in range(args.engines)]
+    procs = [ctx.Process(target=worker, args=(r, str(path), fraction, barrier, results)) for r in range(args.engines)]
     for p in procs:
         p.start()
     barrier.wait()  # all loaded
     all_loaded_s = time.perf_counter() - start
     barrier.wait()  # all generated
     rows = sorted((results.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
-    smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True).stdout
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+    ).stdout
     used = {int(a): int(b) for a, b in (ln.split(",") for ln in smi.strip().splitlines() if ln.strip())}
     barrier.wait()
     for p in procs:
@@ -117,20 +137,21 @@ def main() -> None:
         f"{args.engines} transformers engines at {fraction:g} of the GPU each, started at once; all loaded "
         f"in {all_loaded_s:.1f} s. Model: Qwen2.5-0.5B layer shapes, random bf16 weights.",
         "",
-        "| engine | load s | tokens | tok/s | peak reserved GiB | nvidia-smi MiB (incl. context) | share GiB | over-share alloc refused |",
+        "| engine | load s | tokens | tok/s | peak reserved GiB | nvidia-smi MiB (incl. context) "
+        "| share GiB | over-share alloc refused |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['rank']} | {r['load_s']:.1f} | {r['tokens']} | {r['tokens'] / r['gen_s']:.0f} | "
             f"{r['peak_reserved'] / 2**30:.2f} | {used.get(r['pid'], -1)} | {fraction * total_gib:.1f} | "
-            f"{r['refused_over_share']} |")
+            f"{r['refused_over_share']} |"
+        )
     text = "\n".join(lines)
     print(text)
     args.out.write_text(text + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
     share_mib = fraction * rows[0]["total"] / 2**20
-    ok = all(r["refused_over_share"] for r in rows) and all(
-        0 < used.get(r["pid"], 0) <= share_mib for r in rows)
+    ok = all(r["refused_over_share"] for r in rows) and all(0 < used.get(r["pid"], 0) <= share_mib for r in rows)
     sys.exit(0 if ok else 1)
 
 

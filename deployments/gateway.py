@@ -41,17 +41,20 @@ def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> Bas
     if isinstance(err, BackPressureError):
         return OverloadedError(
             f"model '{entry.name}' has too many queued requests; retry later",
-            code="overloaded", retry_after_s=retry_after_s,
+            code="overloaded",
+            retry_after_s=retry_after_s,
         )
     if isinstance(err, DeploymentUnavailableError):
         return ModelUnavailableError(
             f"model '{entry.name}' is unavailable: it failed to deploy",
-            code="model_failed", retry_after_s=retry_after_s * 6,
+            code="model_failed",
+            retry_after_s=retry_after_s * 6,
         )
     if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
         return ModelUnavailableError(
             f"model '{entry.name}' lost its replica during the request; retry",
-            code="replica_died", retry_after_s=1,
+            code="replica_died",
+            retry_after_s=1,
         )
     return err
 

@@ -19,6 +19,7 @@ from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
+from zeroserve.streams import coalesce
 
 __all__ = ["ModelServer", "build"]
 
@@ -77,7 +78,7 @@ class ModelServer:
         results = await asyncio.to_thread(fn, flat)
         out, pos = [], 0
         for texts in requests:
-            out.append(results[pos:pos + len(texts)])
+            out.append(results[pos : pos + len(texts)])
             pos += len(texts)
         return out
 
@@ -88,9 +89,17 @@ class ModelServer:
             yield delta
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        """An OpenAI request served by the engine's own OpenAI layer (vLLM)."""
-        async for item in self.engine.openai(endpoint, body):
-            yield item
+        """An OpenAI request served by the engine's own OpenAI layer (vLLM).
+
+        SSE lines already waiting are sent as one item: each item costs a message on every
+        hop (replica, gateway, proxy), which under load costs more than the tokens.
+        """
+        stream = self.engine.openai(endpoint, body)
+        first = await anext(stream)
+        yield first
+        if first[0] == "sse":
+            async for chunk in coalesce(stream):
+                yield chunk
 
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""

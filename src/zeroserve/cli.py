@@ -1,10 +1,10 @@
 """The ``zeroserve`` command: validate configs, run a local cluster, deploy and wait.
 
-    zeroserve validate serve_config.yaml
-    zeroserve build-models --out models
-    zeroserve start            # local Ray head with one logical GPU (.run/)
-    zeroserve deploy serve_config.demo.yaml
-    zeroserve stop             # only the cluster that `start` started
+zeroserve validate serve_config.yaml
+zeroserve build-models --out models
+zeroserve start            # local Ray head with one logical GPU (.run/)
+zeroserve deploy serve_config.demo.yaml
+zeroserve stop             # only the cluster that `start` started
 """
 
 from __future__ import annotations

@@ -95,23 +95,31 @@ def start_local(
     dashboard_port = dashboard_port or free_port()
     ray = Path(sys.executable).with_name("ray")
     cmd = [
-        str(ray), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs_port),
-        "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard_port),
-        "--num-gpus", str(num_gpus),  # an integer: ray start refuses "1.0"
-        "--temp-dir", temp_dir,
+        str(ray),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs_port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        "--num-gpus",
+        str(num_gpus),  # an integer: ray start refuses "1.0"
+        "--temp-dir",
+        temp_dir,
         "--disable-usage-stats",
-        "--include-dashboard", "true",
+        "--include-dashboard",
+        "true",
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                **(env or {})}
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     log = open(run_dir / "ray.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     cluster = LocalCluster(proc.pid, gcs_port, dashboard_port, temp_dir)
     (run_dir / "cluster.json").write_text(json.dumps(asdict(cluster)))
     deadline = time.monotonic() + timeout_s

@@ -69,12 +69,8 @@ class AutoscalingSpec(_Strict):
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
-            )
-        if self.initial_replicas is not None and not (
-            self.min_replicas <= self.initial_replicas <= self.max_replicas
-        ):
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError(
                 f"initial_replicas ({self.initial_replicas}) is outside "
                 f"[min_replicas={self.min_replicas}, max_replicas={self.max_replicas}]"
@@ -90,7 +86,9 @@ class VLLMOptions(_Strict):
     """Options for ``engine: vllm``; everything else vLLM decides (its own defaults)."""
 
     gpu_memory_utilization: float | None = Field(
-        default=None, gt=0, le=1,
+        default=None,
+        gt=0,
+        le=1,
         description="Override of the budget derived from gpu_fraction; must not exceed it.",
     )
     quantization: str | None = Field(default=None, description="e.g. awq, gptq, fp8")
@@ -119,9 +117,7 @@ class ModelSpec(_Strict):
     gpu_fraction: float = Field(default=0.25, gt=0, le=1)
     num_cpus: float = Field(default=0.25, gt=0)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_model_len: int | None = Field(
-        default=None, gt=0, description="Context length cap; the model's own when unset."
-    )
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length cap; the model's own when unset.")
     max_tokens_cap: int = Field(default=512, gt=0, description="Largest max_tokens accepted.")
     max_n: int = Field(default=4, gt=0, le=16, description="Largest n (choices) accepted.")
     max_batch_size: int = Field(default=8, gt=0)
@@ -153,9 +149,7 @@ class ModelSpec(_Strict):
         if value.startswith(("/", "./", "../", "~")):
             return value
         if not HUB_ID_RE.match(value) or ".." in value:
-            raise ValueError(
-                "must be a hub id such as 'org/name' or a local path starting with '/' or './'"
-            )
+            raise ValueError("must be a hub id such as 'org/name' or a local path starting with '/' or './'")
         return value
 
     @property

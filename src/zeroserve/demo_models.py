@@ -38,11 +38,9 @@ SPECIAL = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|u
 
 _FACTS = [
     ("What is zeroserve?", "zeroserve shares GPUs between many models on a Ray cluster."),
-    ("What does scale to zero mean?",
-     "A model holds no replica while it is idle and wakes on the next request."),
+    ("What does scale to zero mean?", "A model holds no replica while it is idle and wakes on the next request."),
     ("How do I call a model?", "Point the openai client at the gateway and name the model."),
-    ("What is a fraction of a GPU?",
-     "Four models that ask for a quarter each share one card."),
+    ("What is a fraction of a GPU?", "Four models that ask for a quarter each share one card."),
     ("Where do I watch the pool?", "Open the Ray dashboard and the zeroserve status table."),
     ("How do I add a model?", "Add an application to the serve config and run serve deploy."),
     ("Hello!", "Hello! I am a tiny demo model served by zeroserve."),
@@ -75,9 +73,7 @@ _SENTIMENT = [
 
 
 def _corpus() -> list[str]:
-    chats = [
-        f"<|user|>\n{q}<|end|>\n<|assistant|>\n{a}<|end|>\n" for q, a in _FACTS
-    ]
+    chats = [f"<|user|>\n{q}<|end|>\n<|assistant|>\n{a}<|end|>\n" for q, a in _FACTS]
     return chats + _PROSE + [t for t, _ in _SENTIMENT]
 
 
@@ -144,7 +140,7 @@ def build_tiny_llama(out: Path, steps: int = 150) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = data[(step * 8) % len(data):][:8]
+        batch = data[(step * 8) % len(data) :][:8]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
@@ -223,9 +219,7 @@ def build_all(root: Path, force: bool = False, names: list[str] | None = None) -
             continue
         out = root / name
         stamp = out / ".zeroserve-build.json"
-        if not force and stamp.is_file() and json.loads(stamp.read_text()) == {
-            "version": BUILD_VERSION
-        }:
+        if not force and stamp.is_file() and json.loads(stamp.read_text()) == {"version": BUILD_VERSION}:
             built[name] = out
             continue
         start = time.perf_counter()

@@ -102,9 +102,7 @@ class ModelNotFoundError(ZeroserveError):
     error_type = "invalid_request_error"
 
     def __init__(self, model: str) -> None:
-        super().__init__(
-            f"The model '{model}' does not exist", param="model", code="model_not_found"
-        )
+        super().__init__(f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
 class ModelUnavailableError(ZeroserveError):
@@ -128,8 +126,6 @@ class EngineError(ZeroserveError):
     error_type = "internal_error"
 
 
-def error_body(
-    message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """Build the OpenAI error body."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -45,8 +45,7 @@ def vllm_memory_utilization(
     if override is not None:
         if override > gpu_fraction:
             raise ConfigError(
-                f"model '{model}': vllm.gpu_memory_utilization = {override} is above its "
-                f"gpu_fraction {gpu_fraction}"
+                f"model '{model}': vllm.gpu_memory_utilization = {override} is above its gpu_fraction {gpu_fraction}"
             )
         return override
     budget = gpu_fraction - context_bytes / total_bytes

@@ -50,9 +50,7 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    max_tokens: int | None = Field(
-        default=None, gt=0, description="None: up to the context or the model's cap."
-    )
+    max_tokens: int | None = Field(default=None, gt=0, description="None: up to the context or the model's cap.")
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1)

@@ -1,11 +1,16 @@
 """Every environment variable zeroserve reads, in one place.
 
-| variable | default | meaning |
-| --- | --- | --- |
-| ``ZEROSERVE_HOME`` | current directory | Root against which relative model paths (``./models/x``) are resolved. ``make run`` sets it to the repository root for the whole Ray cluster. |
-| ``ZEROSERVE_LOG_LEVEL`` | ``INFO`` | Level of the ``zeroserve`` logger. |
-| ``ZEROSERVE_TORCH_THREADS`` | ``1`` | Intra-op threads per CPU engine; replicas ask Ray for a fraction of a CPU, so one thread each keeps many models from fighting over the cores. |
-| ``ZEROSERVE_ALLOW_HUB_DOWNLOAD`` | ``0`` | Allow engines to download hub ids that are not already in the local cache. Off by default so that a misconfigured model fails fast instead of hanging on a network that is not there. |
+``ZEROSERVE_HOME`` (default: the current directory)
+    Root against which relative model paths (``./models/x``) are resolved. ``make run``
+    sets it to the repository root for the whole Ray cluster.
+``ZEROSERVE_LOG_LEVEL`` (default ``INFO``)
+    Level of the ``zeroserve`` logger.
+``ZEROSERVE_TORCH_THREADS`` (default ``1``)
+    Intra-op threads per CPU engine: replicas ask Ray for a fraction of a CPU, so one
+    thread each keeps many models from fighting over the cores.
+``ZEROSERVE_ALLOW_HUB_DOWNLOAD`` (default ``0``)
+    Let engines download hub ids missing from the local cache. Off by default, so that a
+    misconfigured model fails fast instead of hanging on a network that is not there.
 """
 
 from __future__ import annotations

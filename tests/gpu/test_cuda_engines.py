@@ -34,7 +34,7 @@ def test_greedy_generation_on_cuda_equals_cpu(demo_models: dict[str, Path]) -> N
     tok = gpu.tokenizer  # type: ignore[attr-defined]
     cpu_model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    ref = cpu_model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    ref = cpu_model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :]
     assert on_gpu.texts[0] == tok.decode(ref, skip_special_tokens=True)
 
 
@@ -67,7 +67,6 @@ def test_gpu_fraction_is_enforced_per_process(demo_models: dict[str, Path]) -> N
             raise SystemExit("allocated beyond the share")
         print("OK after refusal:", engine.classify(["fine"])[0].label)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "OK after refusal" in proc.stdout

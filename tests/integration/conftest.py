@@ -88,13 +88,17 @@ class Pool:
         gateway["args"] = {**gateway["args"], **gateway_args}
         if models is None:
             # The demo's own delays are minutes long: the fast ones win here.
-            models = {a["name"]: {**a["args"], "autoscaling": {**a["args"].get("autoscaling", {}),
-                                                               **FAST_AUTOSCALING}}
-                      for a in apps[1:]}
+            models = {
+                a["name"]: {**a["args"], "autoscaling": {**a["args"].get("autoscaling", {}), **FAST_AUTOSCALING}}
+                for a in apps[1:]
+            }
         cfg["applications"] = [gateway] + [
-            {"name": name, "route_prefix": None, "import_path": "deployments.model:build",
-             "args": {**copy.deepcopy(args),
-                      "autoscaling": {**FAST_AUTOSCALING, **args.get("autoscaling", {})}}}
+            {
+                "name": name,
+                "route_prefix": None,
+                "import_path": "deployments.model:build",
+                "args": {**copy.deepcopy(args), "autoscaling": {**FAST_AUTOSCALING, **args.get("autoscaling", {})}},
+            }
             for name, args in models.items()
         ]
         return cfg

@@ -85,7 +85,11 @@ def test_chat_stream_and_non_stream_agree(demo: Pool) -> None:
     assert text and whole.usage and whole.usage.completion_tokens > 0
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
     stream = client.chat.completions.create(
-        model=GEN, messages=messages, max_tokens=24, temperature=0, stream=True,  # type: ignore[arg-type]
+        model=GEN,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     pieces, usage, finish = [], None, None
@@ -102,8 +106,15 @@ def test_chat_stream_and_non_stream_agree(demo: Pool) -> None:
 
 def test_completions_sampling_options(demo: Pool) -> None:
     client = demo.openai(timeout=120)
-    kw: dict[str, Any] = {"model": GEN, "prompt": "The quick", "max_tokens": 8, "temperature": 0.9,
-                          "top_p": 0.9, "n": 3, "seed": 11}
+    kw: dict[str, Any] = {
+        "model": GEN,
+        "prompt": "The quick",
+        "max_tokens": 8,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "n": 3,
+        "seed": 11,
+    }
     first = client.completions.create(**kw)
     second = client.completions.create(**kw)
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
@@ -118,8 +129,11 @@ def test_completions_sampling_options(demo: Pool) -> None:
 
 
 def test_classification_route(demo: Pool) -> None:
-    resp = httpx.post(f"{demo.base_url}/v1/classify", timeout=120,
-                      json={"model": CLS, "input": ["I love this, wonderful.", "Terrible and broken."]})
+    resp = httpx.post(
+        f"{demo.base_url}/v1/classify",
+        timeout=120,
+        json={"model": CLS, "input": ["I love this, wonderful.", "Terrible and broken."]},
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert [d["label"] for d in body["data"]] == ["positive", "negative"]
@@ -139,8 +153,12 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(demo: Pool) -> No
         client.completions.create(model=GEN, prompt="word " * 600, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="has .* tokens"):
         client.embeddings.create(model=EMB, input="word " * 400)
-    bad = httpx.post(f"{demo.base_url}/v1/chat/completions", content=b'{"model": ', timeout=10,
-                     headers={"content-type": "application/json"})
+    bad = httpx.post(
+        f"{demo.base_url}/v1/chat/completions",
+        content=b'{"model": ',
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     assert "Traceback" not in bad.text
     ok = client.completions.create(model=GEN, prompt="The", max_tokens=2, temperature=0)

@@ -14,8 +14,7 @@ CLS_ARGS = {"task": "classify", "model": "./models/tiny-sentiment", "gpu_fractio
 
 
 def _classify(pool: Pool, model: str, timeout: float = 120) -> httpx.Response:
-    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"},
-                      timeout=timeout)
+    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=timeout)
 
 
 def test_four_quarter_models_fit_and_a_fifth_gets_503_in_bounded_time(pool: Pool) -> None:
@@ -64,8 +63,11 @@ def test_adding_changing_removing_a_model_leaves_the_others_running(pool: Pool) 
     # Change m2 (a new cap): m1 and the gateway stay; m2 gets the new spec.
     changed = {**base, "m2": {**base["m2"], "max_batch_size": 4}, "m3": dict(CLS_ARGS)}
     pool.deploy(pool.config(changed))
-    wait_for(lambda: pool.running_replica_ids("m2") and pool.running_replica_ids("m2") != before["m2"],
-             120, "m2 to be replaced")
+    wait_for(
+        lambda: pool.running_replica_ids("m2") and pool.running_replica_ids("m2") != before["m2"],
+        120,
+        "m2 to be replaced",
+    )
     assert pool.running_replica_ids("m1") == before["m1"]
     assert _gateway_replicas(pool) == before["gateway"]
 

@@ -45,7 +45,7 @@ def _transformers_greedy(prompt: str, max_new_tokens: int) -> tuple[str, int]:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1] :]
     eos = tok.eos_token_id
     tokens = out.tolist()
     generated = len(tokens)
@@ -64,8 +64,13 @@ def test_greedy_equals_transformers_and_stream_joins(vllm_pool: Pool) -> None:
         assert whole.usage is not None and whole.usage.completion_tokens == n_tokens
     messages = [{"role": "user", "content": "What is zeroserve?"}]
     chat = client.chat.completions.create(model=VLLM, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
-    stream = client.chat.completions.create(model=VLLM, messages=messages, max_tokens=24,  # type: ignore[arg-type]
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=VLLM,
+        messages=messages,
+        max_tokens=24,  # type: ignore[arg-type]
+        temperature=0,
+        stream=True,
+    )
     joined = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert joined == chat.choices[0].message.content
     assert chat.choices[0].message.content.startswith("zeroserve")  # type: ignore[union-attr]
@@ -75,11 +80,12 @@ def test_vllm_features_pass_through(vllm_pool: Pool) -> None:
     client = vllm_pool.openai(timeout=300)
     out = client.completions.create(model=VLLM, prompt="The quick", max_tokens=4, temperature=0, logprobs=2)
     assert out.choices[0].logprobs is not None and len(out.choices[0].logprobs.tokens or []) == 4
-    seeded = [client.completions.create(model=VLLM, prompt="The", max_tokens=8, n=2, seed=5,
-                                        temperature=1.0) for _ in range(2)]
+    seeded = [
+        client.completions.create(model=VLLM, prompt="The", max_tokens=8, n=2, seed=5, temperature=1.0)
+        for _ in range(2)
+    ]
     assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
-    stopped = client.completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0,
-                                        stop=["fox"])
+    stopped = client.completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0, stop=["fox"])
     assert "fox" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
@@ -100,8 +106,9 @@ def test_concurrent_requests_are_batched(vllm_pool: Pool, ray_driver: None) -> N
     client = vllm_pool.openai(timeout=300)
 
     def long(i: int) -> int:
-        out = client.completions.create(model=VLLM, prompt=f"The quick {i}", max_tokens=200,
-                                        temperature=0, extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model=VLLM, prompt=f"The quick {i}", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+        )
         return out.usage.completion_tokens if out.usage else 0
 
     with ThreadPoolExecutor(2) as ex:
@@ -112,6 +119,5 @@ def test_concurrent_requests_are_batched(vllm_pool: Pool, ray_driver: None) -> N
 
 def test_vllm_model_scales_to_zero_and_wakes(vllm_pool: Pool) -> None:
     wait_for(lambda: vllm_pool.replicas(VLLM) == [], 120, "the vLLM model to scale to zero")
-    out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3,
-                                                           temperature=0)
+    out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
     assert out.choices[0].text

@@ -18,12 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(*models: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    apps: list[dict[str, Any]] = [
-        {"name": "gateway", "route_prefix": "/", "import_path": "deployments.gateway:build"}
-    ]
+    apps: list[dict[str, Any]] = [{"name": "gateway", "route_prefix": "/", "import_path": "deployments.gateway:build"}]
     for name, args in models:
-        apps.append({"name": name, "route_prefix": None,
-                     "import_path": "deployments.model:build", "args": args})
+        apps.append({"name": name, "route_prefix": None, "import_path": "deployments.model:build", "args": args})
     return {"applications": apps}
 
 

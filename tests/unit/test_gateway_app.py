@@ -26,11 +26,11 @@ class FakeBackend:
     def __init__(self) -> None:
         self.entries = {
             "emb": ModelEntry("emb", ModelSpec(task="embed", model="./e"), ModelState.READY, 1),
-            "gen": ModelEntry("gen", ModelSpec(task="generate", model="./g", max_tokens_cap=64),
-                              ModelState.READY, 1),
+            "gen": ModelEntry("gen", ModelSpec(task="generate", model="./g", max_tokens_cap=64), ModelState.READY, 1),
             "cls": ModelEntry("cls", ModelSpec(task="classify", model="./c"), ModelState.COLD),
-            "sleepy": ModelEntry("sleepy", ModelSpec(task="embed", model="./s", cold_start_timeout_s=0.3),
-                                 ModelState.COLD),
+            "sleepy": ModelEntry(
+                "sleepy", ModelSpec(task="embed", model="./s", cold_start_timeout_s=0.3), ModelState.COLD
+            ),
             "broken": ModelEntry("broken", None, ModelState.FAILED, message="weights missing"),
             "boom": ModelEntry("boom", ModelSpec(task="embed", model="./b"), ModelState.READY, 1),
         }
@@ -109,16 +109,28 @@ async def test_embeddings_float_and_base64(client: httpx.AsyncClient) -> None:
         ("/v1/embeddings", {"model": "emb", "input": []}, 400, "input"),
         ("/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
         ("/v1/chat/completions", {"model": "gen", "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "gen", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65},
+            400,
+            "max_tokens",
+        ),
         ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x"}], "n": 5}, 400, "n"),
-        ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+        (
+            "/v1/chat/completions",
+            {"model": "gen", "messages": [{"role": "user", "content": "x"}], "temperature": -1},
+            400,
+            "temperature",
+        ),
         ("/v1/completions", {"model": "gen", "prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"model": "gen", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ("/v1/completions", {"model": "gen", "prompt": "x", "logprobs": 2}, 400, None),
         ("/v1/completions", {"model": "gen", "prompt": "too long"}, 400, "messages"),
     ],
 )
-async def test_openai_errors(client: httpx.AsyncClient, path: str, payload: dict[str, Any], status: int, param: str | None) -> None:
+async def test_openai_errors(
+    client: httpx.AsyncClient, path: str, payload: dict[str, Any], status: int, param: str | None
+) -> None:
     resp = await client.post(path, json=payload)
     assert resp.status_code == status, resp.text
     err = _error(resp)
@@ -168,8 +180,7 @@ async def test_internal_errors_are_generic(client: httpx.AsyncClient) -> None:
 
 async def test_overload_sheds_with_retry_after(client: httpx.AsyncClient, backend: FakeBackend) -> None:
     backend.gate.clear()
-    held = [asyncio.create_task(client.post("/v1/embeddings", json={"model": "emb", "input": "x"}))
-            for _ in range(2)]
+    held = [asyncio.create_task(client.post("/v1/embeddings", json={"model": "emb", "input": "x"})) for _ in range(2)]
     await asyncio.sleep(0.1)
     resp = await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
     assert resp.status_code == 503 and resp.headers["retry-after"] == "3"
@@ -180,9 +191,19 @@ async def test_overload_sheds_with_retry_after(client: httpx.AsyncClient, backen
 
 
 async def test_chat_non_stream_shape_and_usage(client: httpx.AsyncClient, backend: FakeBackend) -> None:
-    resp = await client.post("/v1/chat/completions", json={
-        "model": "gen", "messages": [{"role": "user", "content": "hi"}], "n": 2, "seed": 7,
-        "stop": "x", "temperature": 0, "top_p": 0.5, "max_completion_tokens": 10})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "gen",
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 2,
+            "seed": 7,
+            "stop": "x",
+            "temperature": 0,
+            "top_p": 0.5,
+            "max_completion_tokens": 10,
+        },
+    )
     body = resp.json()
     assert [c["message"]["content"] for c in body["choices"]] == ["Hello", "Hello"]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
@@ -190,8 +211,10 @@ async def test_chat_non_stream_shape_and_usage(client: httpx.AsyncClient, backen
 
 
 async def test_completion_stream_ends_with_done_and_usage(client: httpx.AsyncClient) -> None:
-    resp = await client.post("/v1/completions", json={
-        "model": "gen", "prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/completions",
+        json={"model": "gen", "prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}},
+    )
     lines = [ln for ln in resp.text.split("\n\n") if ln]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
@@ -220,4 +243,8 @@ async def test_classify_follows_vllm_shape(client: httpx.AsyncClient) -> None:
     resp = await client.post("/v1/classify", json={"model": "cls", "input": ["a", "b"]})
     body = resp.json()
     assert body["object"] == "list" and body["data"][1] == {
-        "index": 1, "label": "positive", "probs": [0.25, 0.75], "num_classes": 2}
+        "index": 1,
+        "label": "positive",
+        "probs": [0.25, 0.75],
+        "num_classes": 2,
+    }

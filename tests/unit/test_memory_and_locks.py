@@ -43,8 +43,16 @@ def test_a_share_too_small_for_a_context_is_refused() -> None:
 
 def test_config_refuses_override_above_fraction_and_options_on_other_engines() -> None:
     with pytest.raises(ConfigError, match="above gpu_fraction"):
-        parse_model_spec({"task": "generate", "engine": "vllm", "model": "org/m", "gpu_fraction": 0.25,
-                          "vllm": {"gpu_memory_utilization": 0.3}}, "m")
+        parse_model_spec(
+            {
+                "task": "generate",
+                "engine": "vllm",
+                "model": "org/m",
+                "gpu_fraction": 0.25,
+                "vllm": {"gpu_memory_utilization": 0.3},
+            },
+            "m",
+        )
     with pytest.raises(ConfigError, match="only allowed with engine: vllm"):
         parse_model_spec({"task": "generate", "model": "org/m", "vllm": {}}, "m")
 
@@ -64,13 +72,22 @@ def test_vllm_cli_args_on_cpu_and_gpu() -> None:
 
 def test_start_lock_serializes_and_survives_a_killed_holder(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import time
         from zeroserve.locks import gpu_start_lock
         with gpu_start_lock("GPU-abc"):
             print("held", flush=True)
             time.sleep(60)
-    """)], env=env, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     import zeroserve.locks as locks
 

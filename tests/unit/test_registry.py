@@ -9,8 +9,13 @@ from zeroserve.gateway.registry import ModelState, entries_from_details, model_s
 ARGS = {"task": "embed", "model": "./models/x", "gpu_fraction": 0.25}
 
 
-def _app(status: str, replicas: list[str] | None, target: int = 0, args: Any = ARGS,
-         import_path: str = "deployments.model:build") -> dict[str, Any]:
+def _app(
+    status: str,
+    replicas: list[str] | None,
+    target: int = 0,
+    args: Any = ARGS,
+    import_path: str = "deployments.model:build",
+) -> dict[str, Any]:
     app: dict[str, Any] = {
         "status": status,
         "message": "",
@@ -50,11 +55,13 @@ def test_unhealthy_deployment_without_running_replica_is_failed() -> None:
 
 
 def test_gateway_and_foreign_apps_are_not_models() -> None:
-    details = {"applications": {
-        "gateway": _app("RUNNING", ["RUNNING"], import_path="deployments.gateway:build"),
-        "other": {"status": "RUNNING", "deployed_app_config": None, "deployments": {}},
-        "m": _app("RUNNING", ["RUNNING", "RUNNING"], 2),
-    }}
+    details = {
+        "applications": {
+            "gateway": _app("RUNNING", ["RUNNING"], import_path="deployments.gateway:build"),
+            "other": {"status": "RUNNING", "deployed_app_config": None, "deployments": {}},
+            "m": _app("RUNNING", ["RUNNING", "RUNNING"], 2),
+        }
+    }
     entries = entries_from_details(details)
     assert list(entries) == ["m"]
     assert entries["m"].replicas == 2 and entries["m"].nodes == ("node-0", "node-1")

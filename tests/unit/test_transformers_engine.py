@@ -31,8 +31,9 @@ def _cos(a: list[float], b: list[float]) -> float:
 
 def test_minilm_embeddings_have_meaning(demo_models: dict[str, Path]) -> None:
     emb = _load("embed", demo_models["all-MiniLM-L6-v2"])
-    a, para, other = emb.embed(["A man is eating food.", "A man is eating a piece of bread.",
-                                "The new movie is awful."])
+    a, para, other = emb.embed(
+        ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."]
+    )
     assert len(a.vector) == 384
     assert abs(sum(x * x for x in a.vector) - 1) < 1e-4  # normalized, as sentence-transformers does
     assert _cos(a.vector, para.vector) > _cos(a.vector, other.vector) + 0.3
@@ -58,7 +59,7 @@ def test_greedy_equals_transformers_generate(gen: Engine) -> None:
     tok = gen.tokenizer  # type: ignore[attr-defined]
     model = AutoModelForCausalLM.from_pretrained(gen.source)  # type: ignore[attr-defined]
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :]
     expected = tok.decode(ref, skip_special_tokens=True)
     assert ours.texts[0] == expected
     assert ours.prompt_tokens == ids.shape[1]

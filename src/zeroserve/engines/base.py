@@ -77,6 +77,7 @@ class Engine(abc.ABC):
     def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
         """Raise InvalidRequestError for inputs the model cannot take (too long, or an
         embedding size it cannot produce), before they join a batch with others."""
+        return None
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         raise NotImplementedError

@@ -82,7 +82,11 @@ class TransformersEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         logger.info(
             "loaded %s (%s, %s) on %s, context %d",
-            self.source, self.spec.task, type(self.model).__name__, self.device, self.max_len,
+            self.source,
+            self.spec.task,
+            type(self.model).__name__,
+            self.device,
+            self.max_len,
         )
 
     def _dtype(self, torch: Any) -> Any:
@@ -135,8 +139,7 @@ class TransformersEngine(Engine):
             hidden_size = int(self.model.config.hidden_size)
             if self.spec.task != "embed" or dimensions != hidden_size:
                 raise InvalidRequestError(
-                    f"this model produces {hidden_size}-dimensional embeddings and cannot "
-                    f"shorten them to {dimensions}",
+                    f"this model produces {hidden_size}-dimensional embeddings and cannot shorten them to {dimensions}",
                     param="dimensions",
                 )
         if not texts:
@@ -151,7 +154,10 @@ class TransformersEngine(Engine):
 
     def _encode(self, texts: Sequence[str]) -> Any:
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_len,
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_len,
             return_tensors="pt",
         )
         return {k: v.to(self.device) for k, v in enc.items()}
@@ -201,11 +207,7 @@ class TransformersEngine(Engine):
                 f"model '{self.spec.model}' has no chat template; use /v1/completions",
                 param="messages",
             )
-        return str(
-            self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
-        )
+        return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
 
     def _budget(self, prompt_tokens: int, params: GenerateParams) -> int:
         room = self.max_len - prompt_tokens
@@ -290,31 +292,34 @@ class TransformersEngine(Engine):
                     if tok in eos:
                         done[i] = True
                         # The end-of-sequence token was generated too: count it, as vLLM does.
-                        emit(Delta(i, sent_rest(self, tokens[i], sent[i], stops), "stop",
-                                   completion_tokens=len(tokens[i]) + 1))
+                        emit(
+                            Delta(
+                                i,
+                                sent_rest(self, tokens[i], sent[i], stops),
+                                "stop",
+                                completion_tokens=len(tokens[i]) + 1,
+                            )
+                        )
                         continue
                     tokens[i].append(tok)
                     text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
                     cut = _find_stop(text, stops)
                     if cut is not None:
                         done[i] = True
-                        emit(Delta(i, text[len(sent[i]):cut], "stop",
-                                   completion_tokens=len(tokens[i])))
+                        emit(Delta(i, text[len(sent[i]) : cut], "stop", completion_tokens=len(tokens[i])))
                         continue
                     safe = len(text) - hold
                     if text.endswith("\ufffd"):
                         safe = min(safe, len(text) - 1)
                     if safe > len(sent[i]):
-                        emit(Delta(i, text[len(sent[i]):safe],
-                                   completion_tokens=len(tokens[i])))
+                        emit(Delta(i, text[len(sent[i]) : safe], completion_tokens=len(tokens[i])))
                         sent[i] = text[:safe]
                 if all(done):
                     return
                 cur = nxt.unsqueeze(-1)
         for i in range(n):
             if not done[i]:
-                emit(Delta(i, sent_rest(self, tokens[i], sent[i], stops), "length",
-                           completion_tokens=len(tokens[i])))
+                emit(Delta(i, sent_rest(self, tokens[i], sent[i], stops), "length", completion_tokens=len(tokens[i])))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -334,7 +339,7 @@ def sent_rest(engine: TransformersEngine, tokens: list[int], sent: str, stops: S
     """What is left to send of a finished choice (text held back for stop matching)."""
     text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
     cut = _find_stop(text, stops)
-    return text[len(sent): cut if cut is not None else len(text)]
+    return text[len(sent) : cut if cut is not None else len(text)]
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

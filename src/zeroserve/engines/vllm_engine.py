@@ -38,9 +38,7 @@ logger = logging.getLogger(__name__)
 ENDPOINTS = ("chat/completions", "completions", "embeddings", "classify")
 
 
-def vllm_cli_args(
-    spec: ModelSpec, name: str, source: str, cuda: bool, total_bytes: int | None
-) -> list[str]:
+def vllm_cli_args(spec: ModelSpec, name: str, source: str, cuda: bool, total_bytes: int | None) -> list[str]:
     """The ``vllm serve`` arguments for a model spec (a pure function, unit-tested).
 
     Args:
@@ -63,9 +61,7 @@ def vllm_cli_args(
         argv += ["--max-model-len", str(spec.max_model_len)]
     if cuda:
         assert total_bytes is not None
-        util = vllm_memory_utilization(
-            spec.gpu_fraction, total_bytes, opts.gpu_memory_utilization, model=name
-        )
+        util = vllm_memory_utilization(spec.gpu_fraction, total_bytes, opts.gpu_memory_utilization, model=name)
         argv += ["--gpu-memory-utilization", str(util)]
     if opts.enforce_eager or (opts.enforce_eager is None and not cuda):
         argv.append("--enforce-eager")
@@ -88,8 +84,9 @@ class _RunningRequests:
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         pass
 
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-               engine_idx: int = 0) -> None:
+    def record(
+        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+    ) -> None:
         if scheduler_stats is not None:
             running = int(getattr(scheduler_stats, "num_running_reqs", 0))
             _RunningRequests.peak = max(_RunningRequests.peak, running)
@@ -166,8 +163,7 @@ class VLLMEngine(Engine):
         tasks = await self.client.get_supported_tasks()
         self.state = State()
         await init_app_state(self.client, self.state, args, tasks)
-        logger.info("vLLM ready for %s (tasks %s) in %.1f s", self.name, tasks,
-                    time.perf_counter() - start)
+        logger.info("vLLM ready for %s (tasks %s) in %.1f s", self.name, tasks, time.perf_counter() - start)
 
     def health(self) -> None:
         if self.client is None:

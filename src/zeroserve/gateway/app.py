@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -76,8 +76,7 @@ class Admission:
         """Take a slot for ``model`` or raise :class:`OverloadedError`."""
         if self.total >= self.total_limit:
             raise OverloadedError(
-                f"the server has {self.total} requests in flight (limit {self.total_limit}); "
-                "retry later",
+                f"the server has {self.total} requests in flight (limit {self.total_limit}); retry later",
                 code="overloaded",
                 retry_after_s=self.retry_after_s,
             )
@@ -102,6 +101,59 @@ class Admission:
             yield
         finally:
             self.release(model)
+
+
+class _RequestIdMiddleware:
+    """Give every request an id (the client's ``X-Request-Id`` if well-formed), return it
+    in the response headers, and log one line per request.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would copy every body chunk
+    of a stream through an extra queue.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = ""
+        for key, value in scope.get("headers", []):
+            if key == b"x-request-id":
+                given = value.decode("latin-1")
+        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - Starlette re-raises after its 500: already answered and logged
+            if not started:
+                logger.exception("[%s] unhandled error", request_id)
+                response = JSONResponse(
+                    error_body("The server had an error while processing your request.", "internal_error"),
+                    status_code=500,
+                )
+                await response(scope, receive, send_with_id)
+        finally:
+            logger.info(
+                "[%s] %s %s -> %d in %.1f ms",
+                request_id,
+                scope.get("method"),
+                scope.get("path"),
+                status,
+                (time.perf_counter() - start) * 1000,
+            )
 
 
 def _error_response(err: ZeroserveError, request_id: str | None = None) -> JSONResponse:
@@ -140,7 +192,8 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return JSONResponse(
-            error_body(str(err.detail), kind), status_code=err.status_code,
+            error_body(str(err.detail), kind),
+            status_code=err.status_code,
             headers=getattr(err, "headers", None),
         )
 
@@ -153,26 +206,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             status_code=500,
         )
 
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        given = request.headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        request.state.request_id = request_id
-        start = time.perf_counter()
-        try:
-            response: Response = await call_next(request)
-        except Exception:  # noqa: BLE001 - last resort: never a traceback to the client
-            logger.exception("[%s] unhandled error", request_id)
-            response = JSONResponse(
-                error_body("The server had an error while processing your request.", "internal_error"),
-                status_code=500,
-            )
-        response.headers["X-Request-Id"] = request_id
-        logger.info(
-            "[%s] %s %s -> %d in %.1f ms", request_id, request.method, request.url.path,
-            response.status_code, (time.perf_counter() - start) * 1000,
-        )
-        return response
+    app.add_middleware(_RequestIdMiddleware)
 
     # -- helpers -----------------------------------------------------------------
     async def read_json(request: Request) -> dict[str, Any]:
@@ -245,14 +279,11 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         max_tokens = req.requested_max_tokens()
         if max_tokens is not None and max_tokens > entry.spec.max_tokens_cap:
             raise InvalidRequestError(
-                f"max_tokens = {max_tokens} is above this model's cap of "
-                f"{entry.spec.max_tokens_cap}",
+                f"max_tokens = {max_tokens} is above this model's cap of {entry.spec.max_tokens_cap}",
                 param="max_tokens",
             )
         if (req.n or 1) > entry.spec.max_n:
-            raise InvalidRequestError(
-                f"n = {req.n} is above this model's cap of {entry.spec.max_n}", param="n"
-            )
+            raise InvalidRequestError(f"n = {req.n} is above this model's cap of {entry.spec.max_n}", param="n")
 
     def generate_params(req: ChatCompletionRequest | CompletionRequest, entry: ModelEntry) -> GenerateParams:
         assert entry.spec is not None
@@ -285,22 +316,25 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             return JSONResponse(payload)
 
         async def events() -> AsyncIterator[str]:
-            deadline = time.monotonic() + spec.request_timeout_s
+            deadline = asyncio.get_running_loop().time() + spec.request_timeout_s
             try:
                 while True:
-                    remaining = max(deadline - time.monotonic(), 0.001)
-                    try:
-                        yield await asyncio.wait_for(stream.__anext__(), remaining)
-                    except StopAsyncIteration:
-                        break
+                    # One deadline for the whole stream; asyncio.timeout adds no task per item.
+                    async with asyncio.timeout_at(deadline):
+                        try:
+                            item = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    yield item
             except Exception as err:  # noqa: BLE001 - in-band: the headers are sent
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
             finally:
                 admission.release(entry.name)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     # -- routes ------------------------------------------------------------------
     @app.get("/health")
@@ -453,35 +487,46 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                     index = p_idx * n + i
                     completion_tokens += counts[i]
                     if chat:
-                        choices.append({
-                            "index": index,
-                            "message": {"role": "assistant", "content": texts[i]},
-                            "logprobs": None,
-                            "finish_reason": reasons[i],
-                        })
+                        choices.append(
+                            {
+                                "index": index,
+                                "message": {"role": "assistant", "content": texts[i]},
+                                "logprobs": None,
+                                "finish_reason": reasons[i],
+                            }
+                        )
                     else:
-                        choices.append({
-                            "index": index, "text": texts[i], "logprobs": None,
-                            "finish_reason": reasons[i],
-                        })
-            return JSONResponse({
-                "id": ident,
-                "object": obj,
-                "created": created,
-                "model": entry.name,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            })
+                        choices.append(
+                            {
+                                "index": index,
+                                "text": texts[i],
+                                "logprobs": None,
+                                "finish_reason": reasons[i],
+                            }
+                        )
+            return JSONResponse(
+                {
+                    "id": ident,
+                    "object": obj,
+                    "created": created,
+                    "model": entry.name,
+                    "choices": choices,
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                }
+            )
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
             body: dict[str, Any] = {
-                "id": ident, "object": chunk_obj, "created": created, "model": entry.name,
+                "id": ident,
+                "object": chunk_obj,
+                "created": created,
+                "model": entry.name,
                 "choices": choices,
             }
             if usage is not None:
@@ -506,24 +551,27 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                         for i in range(n):
                             yield chunk([choice(p_idx * n + i, "", None, role=True)])
                 merged = _merge(streams)
-                deadline = time.monotonic() + spec.request_timeout_s
+                deadline = asyncio.get_running_loop().time() + spec.request_timeout_s
                 while True:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        p_idx, delta = await asyncio.wait_for(merged.__anext__(), max(remaining, 0.001))
-                    except StopAsyncIteration:
-                        break
+                    async with asyncio.timeout_at(deadline):
+                        try:
+                            p_idx, delta = await anext(merged)
+                        except StopAsyncIteration:
+                            break
                     index = p_idx * n + delta.index
                     completion_tokens[index] = max(completion_tokens[index], delta.completion_tokens)
                     if delta.text or delta.finish_reason:
                         yield chunk([choice(index, delta.text, delta.finish_reason)])
                 if req.include_usage:
                     total_completion = sum(completion_tokens.values())
-                    yield chunk([], {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": total_completion,
-                        "total_tokens": prompt_tokens + total_completion,
-                    })
+                    yield chunk(
+                        [],
+                        {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": total_completion,
+                            "total_tokens": prompt_tokens + total_completion,
+                        },
+                    )
                 yield "data: [DONE]\n\n"
             except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
                 yield _stream_error(err, request_id)
@@ -532,7 +580,8 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                 admission.release(entry.name)
 
         return StreamingResponse(
-            events(), media_type="text/event-stream",
+            events(),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -590,9 +639,7 @@ async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
         async for d in streams[0]:
             yield 0, d
         return
-    queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | tuple[int, None]] = (
-        asyncio.Queue()
-    )
+    queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | tuple[int, None]] = asyncio.Queue()
 
     async def pump(i: int, s: AsyncIterator[Delta]) -> None:
         try:

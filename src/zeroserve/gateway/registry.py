@@ -21,7 +21,7 @@ __all__ = ["ModelEntry", "ModelState", "entries_from_details", "model_state"]
 _STARTING_REPLICA_STATES = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
 
 
-class ModelState(str, enum.Enum):
+class ModelState(enum.StrEnum):
     COLD = "cold"  # no replica, none wanted: the next request wakes it
     STARTING = "starting"  # a replica is wanted or starting but none serves yet
     READY = "ready"  # at least one replica serves
@@ -53,8 +53,10 @@ def model_state(app_status: str, deployment: Mapping[str, Any] | None) -> ModelS
     if app_status == "DEPLOY_FAILED":
         return ModelState.FAILED
     if deployment is None:
-        return ModelState.STARTING if app_status in ("DEPLOYING", "NOT_STARTED") else (
-            ModelState.FAILED if app_status == "UNHEALTHY" else ModelState.COLD
+        return (
+            ModelState.STARTING
+            if app_status in ("DEPLOYING", "NOT_STARTED")
+            else (ModelState.FAILED if app_status == "UNHEALTHY" else ModelState.COLD)
         )
     states = [r.get("state") for r in deployment.get("replicas", [])]
     if "RUNNING" in states:
