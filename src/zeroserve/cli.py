@@ -46,6 +46,72 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from zeroserve.plan import GB, gpus_from_cluster, parse_gpus, plan
+
+    console = Console(width=140)
+    try:
+        _, models = validate_serve_config(load_serve_config(args.config))
+        if args.gpus:
+            gpus = parse_gpus(args.gpus)
+        elif args.cluster:
+            with open(args.cluster, encoding="utf-8") as f:
+                gpus = gpus_from_cluster(yaml.safe_load(f))
+        else:
+            gpus = parse_gpus(os.environ.get("ZEROSERVE_GPUS_SPEC", "1x80GB"))
+    except (ConfigError, OSError) as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
+    if not gpus:
+        console.print("[red]the cluster has no GPUs zeroserve can place models on[/red]")
+        return 2
+    result = plan(models, gpus)
+    largest = max(g.memory_bytes for g in gpus)
+    table = Table(title=f"{args.config} on {len(gpus)} GPU(s), largest {largest / GB:.0f} GB")
+    for col in ("model", "task/engine", "fraction", "weights GB", "KV GB", "act.+ctx GB", "need GB",
+                "share GB", "headroom GB", "source"):
+        table.add_column(col, justify="right" if "GB" in col or col == "fraction" else "left")
+    for name, spec in models.items():
+        est = result.estimates.get(name)
+        share = spec.gpu_fraction * largest
+        if est is None:
+            table.add_row(name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", *["?"] * 5,
+                          f"{share / GB:.1f}", "-")
+            continue
+        headroom = share - est.total
+        table.add_row(
+            name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", f"{est.weights / GB:.2f}",
+            f"{est.kv_cache / GB:.2f}", f"{(est.activations + est.context) / GB:.2f}", f"{est.total / GB:.2f}",
+            f"{share / GB:.1f}", f"[{'green' if headroom >= 0 else 'red'}]{headroom / GB:.1f}[/]", est.source,
+        )
+    console.print(table)
+    packing = Table(title="packing (one replica per model; a model at zero needs room when it wakes)")
+    packing.add_column("GPU")
+    packing.add_column("card")
+    packing.add_column("used", justify="right")
+    packing.add_column("models")
+    for g in result.placement.gpus:
+        placed = result.placement.assigned.get(g.name, [])
+        if placed:
+            packing.add_row(g.name, g.kind, f"{result.placement.used(g.name):.2f}",
+                            ", ".join(f"{n} ({f:g})" for n, f in placed))
+    console.print(packing)
+    idle = len(gpus) - result.placement.gpus_used
+    console.print(f"{result.placement.gpus_used} of {len(gpus)} GPUs used; {idle} free")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    for e in result.errors:
+        console.print(f"[red]error:[/red] {e}")
+    if not result.ok:
+        console.print("[red]the plan does not fit: nothing should be deployed[/red]")
+        return 1
+    return 0
+
+
 def cmd_build_models(args: argparse.Namespace) -> int:
     from zeroserve.demo_models import build_all
 
@@ -158,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check Serve config files the way the builders will")
     p.add_argument("configs", nargs="+")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="estimate GPU memory per model and pack the models onto GPUs")
+    p.add_argument("config")
+    p.add_argument("--cluster", help="a Ray cluster-launcher config (cluster.yaml)")
+    p.add_argument("--gpus", help="shorthand such as 4xA100-80GB or 2xA100-80GB,1xL4")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("build-models", help="build the demo models offline")
     p.add_argument("--out", type=Path, default=Path("models"))
