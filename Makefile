@@ -21,7 +21,7 @@ help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
 	@echo "make stop       stop the cluster that 'make run' started (only that one)"
 	@echo "make test       set up and run the whole test suite"
-	@echo "make deploy     validate and deploy CONFIG=... to the local cluster (or ADDRESS=...)"
+	@echo "make deploy     plan, then deploy CONFIG=... (CLUSTER=cluster.yaml or GPUS=4xA100-80GB; ADDRESS=...)"
 	@echo "make bench      run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
 	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
 	@echo "make lint       ruff and mypy"
@@ -53,7 +53,10 @@ run: models
 	$(BIN)/zeroserve deploy $(CONFIG)
 	@echo "  stop with      : make stop"
 
+# The plan runs first: a configuration whose models do not fit is not deployed.
+CLUSTER ?= cluster.yaml
 deploy: venv
+	$(BIN)/zeroserve plan $(CONFIG) $(if $(GPUS),--gpus $(GPUS),--cluster $(CLUSTER))
 	$(BIN)/zeroserve deploy $(CONFIG) $(if $(ADDRESS),--address $(ADDRESS))
 
 stop: venv

@@ -72,21 +72,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(models, gpus)
     largest = max(g.memory_bytes for g in gpus)
     table = Table(title=f"{args.config} on {len(gpus)} GPU(s), largest {largest / GB:.0f} GB")
-    for col in ("model", "task/engine", "fraction", "weights GB", "KV GB", "act.+ctx GB", "need GB",
-                "share GB", "headroom GB", "source"):
+    for col in (
+        "model",
+        "task/engine",
+        "fraction",
+        "weights GB",
+        "KV GB",
+        "act.+ctx GB",
+        "need GB",
+        "share GB",
+        "headroom GB",
+        "source",
+    ):
         table.add_column(col, justify="right" if "GB" in col or col == "fraction" else "left")
     for name, spec in models.items():
         est = result.estimates.get(name)
         share = spec.gpu_fraction * largest
         if est is None:
-            table.add_row(name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", *["?"] * 5,
-                          f"{share / GB:.1f}", "-")
+            table.add_row(
+                name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", *["?"] * 5, f"{share / GB:.1f}", "-"
+            )
             continue
         headroom = share - est.total
         table.add_row(
-            name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", f"{est.weights / GB:.2f}",
-            f"{est.kv_cache / GB:.2f}", f"{(est.activations + est.context) / GB:.2f}", f"{est.total / GB:.2f}",
-            f"{share / GB:.1f}", f"[{'green' if headroom >= 0 else 'red'}]{headroom / GB:.1f}[/]", est.source,
+            name,
+            f"{spec.task}/{spec.engine}",
+            f"{spec.gpu_fraction:g}",
+            f"{est.weights / GB:.2f}",
+            f"{est.kv_cache / GB:.2f}",
+            f"{(est.activations + est.context) / GB:.2f}",
+            f"{est.total / GB:.2f}",
+            f"{share / GB:.1f}",
+            f"[{'green' if headroom >= 0 else 'red'}]{headroom / GB:.1f}[/]",
+            est.source,
         )
     console.print(table)
     packing = Table(title="packing (one replica per model; a model at zero needs room when it wakes)")
@@ -97,8 +115,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for g in result.placement.gpus:
         placed = result.placement.assigned.get(g.name, [])
         if placed:
-            packing.add_row(g.name, g.kind, f"{result.placement.used(g.name):.2f}",
-                            ", ".join(f"{n} ({f:g})" for n, f in placed))
+            packing.add_row(
+                g.name, g.kind, f"{result.placement.used(g.name):.2f}", ", ".join(f"{n} ({f:g})" for n, f in placed)
+            )
     console.print(packing)
     idle = len(gpus) - result.placement.gpus_used
     console.print(f"{result.placement.gpus_used} of {len(gpus)} GPUs used; {idle} free")

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["LocalCluster", "free_port", "start_local", "stop_local", "read_cluster"]
+__all__ = ["LocalCluster", "add_node", "free_port", "kill_node", "read_cluster", "start_local", "stop_local"]
 
 
 @dataclass(frozen=True)
@@ -136,29 +136,85 @@ def start_local(
     raise RuntimeError(f"the Ray head did not start within {timeout_s:.0f} s:\n{tail}")
 
 
+def add_node(
+    run_dir: Path,
+    cluster: LocalCluster,
+    *,
+    num_gpus: int = 1,
+    num_cpus: int | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Join one more Ray node (its own raylet, with logical GPUs) to a local cluster.
+
+    Several nodes on one machine stand in for a multi-node cluster. The node runs in its own
+    process group, recorded in ``run_dir`` so that :func:`stop_local` stops it too.
+
+    Returns:
+        The node's process-group id (for :func:`kill_node`).
+    """
+    ray = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray),
+        "start",
+        "--address",
+        cluster.address,
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-gpus",
+        str(num_gpus),
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    log = open(run_dir / "ray-node.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    with open(run_dir / "nodes.txt", "a") as f:
+        f.write(f"{proc.pid}\n")
+    return proc.pid
+
+
+def kill_node(pgid: int) -> None:
+    """Kill a node abruptly (SIGKILL to its process group), as a lost machine would go."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def stop_local(run_dir: Path, grace_s: float = 10) -> bool:
-    """Stop the cluster recorded in ``run_dir`` (its process group only).
+    """Stop the cluster recorded in ``run_dir`` (its process groups only).
 
     Returns:
         True if a cluster was running.
     """
+    nodes = run_dir / "nodes.txt"
+    if nodes.is_file():
+        for line in nodes.read_text().split():
+            _stop_group(int(line), grace_s)
+        nodes.unlink()
     state = run_dir / "cluster.json"
     if not state.is_file():
         return False
     cluster = LocalCluster(**json.loads(state.read_text()))
     was_running = _alive(cluster.pid)
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(cluster.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(cluster.pid):
-            time.sleep(0.2)
-        if not _group_alive(cluster.pid):
-            break
+    _stop_group(cluster.pid, grace_s)
     state.unlink(missing_ok=True)
     return was_running
+
+
+def _stop_group(pgid: int, grace_s: float) -> None:
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.2)
+        if not _group_alive(pgid):
+            return
 
 
 def _group_alive(pgid: int) -> bool:

@@ -130,11 +130,13 @@ class ModelSpec(_Strict):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     vllm: VLLMOptions | None = None
     weights_gb: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Size of the weights, for `zeroserve plan` where the files are not on the machine.",
     )
     kv_bytes_per_token: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="KV cache bytes per token (2 x layers x kv_heads x head_dim x dtype bytes), for "
         "`zeroserve plan` where config.json is not on the machine.",
     )

@@ -49,13 +49,34 @@ __all__ = [
 GB = 1e9
 # Marketing sizes in GB (10^9 bytes), as the cards are named.
 GPU_MEMORY_GB = {
-    "T4": 16, "L4": 24, "A10G": 24, "L40S": 48, "A100-40GB": 40, "A100-80GB": 80,
-    "H100-80GB": 80, "H100": 80, "H200": 141, "B200": 180,
+    "T4": 16,
+    "L4": 24,
+    "A10G": 24,
+    "L40S": 48,
+    "A100-40GB": 40,
+    "A100-80GB": 80,
+    "H100-80GB": 80,
+    "H100": 80,
+    "H200": 141,
+    "B200": 180,
 }
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
 }
 
 
@@ -300,8 +321,11 @@ def gpus_from_cluster(config: dict[str, Any]) -> list[GPU]:
     """
     gpus: list[GPU] = []
     for type_name, node in (config.get("available_node_types") or {}).items():
-        instance = str((node.get("node_config") or {}).get("InstanceType") or
-                       (node.get("node_config") or {}).get("machineType") or "")
+        instance = str(
+            (node.get("node_config") or {}).get("InstanceType")
+            or (node.get("node_config") or {}).get("machineType")
+            or ""
+        )
         declared = int((node.get("resources") or {}).get("GPU", 0))
         known = INSTANCE_GPUS.get(instance)
         if known is None:

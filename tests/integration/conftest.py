@@ -56,6 +56,7 @@ class Pool:
 
     cluster: LocalCluster
     http_port: int
+    run_dir: Path
 
     @property
     def base_url(self) -> str:
@@ -132,7 +133,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path])
         env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1", "ZEROSERVE_LOG_LEVEL": "INFO"},
     )
     try:
-        yield Pool(cluster, free_port())
+        yield Pool(cluster, free_port(), run_dir)
     finally:
         stop_local(run_dir)
 

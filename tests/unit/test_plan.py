@@ -31,9 +31,18 @@ def test_weights_come_from_headers_in_the_load_dtype(tmp_path: Path) -> None:
 
 def test_llm_estimate_by_hand(tmp_path: Path) -> None:
     _write_safetensors(tmp_path, {"w": ("BF16", [1_000_000])})
-    (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "torch_dtype": "bfloat16", "max_position_embeddings": 4096}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "torch_dtype": "bfloat16",
+                "max_position_embeddings": 4096,
+            }
+        )
+    )
     spec = ModelSpec(task="generate", model=str(tmp_path), max_model_len=1000, max_ongoing_requests=3)
     est = estimate("m", spec)
     assert est.weights == 2_000_000
@@ -47,8 +56,14 @@ def test_hub_model_without_files_needs_a_hint() -> None:
     spec = ModelSpec(task="generate", model="org/not-cached-anywhere")
     with pytest.raises(ConfigError, match="model 'm': cannot estimate .* no weights_gb"):
         estimate("m", spec)
-    hinted = ModelSpec(task="generate", model="org/not-cached-anywhere", weights_gb=3.0,
-                       kv_bytes_per_token=1000, max_model_len=100, max_ongoing_requests=2)
+    hinted = ModelSpec(
+        task="generate",
+        model="org/not-cached-anywhere",
+        weights_gb=3.0,
+        kv_bytes_per_token=1000,
+        max_model_len=100,
+        max_ongoing_requests=2,
+    )
     est = estimate("m", hinted)
     assert (est.weights, est.kv_cache, est.source) == (3_000_000_000, 200_000, "weights_gb")
 
@@ -96,7 +111,8 @@ def test_plan_counts_a_model_at_zero_and_warns_on_waste() -> None:
 
 items_strategy = st.lists(
     st.tuples(st.sampled_from([0.1, 0.125, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0]), st.integers(1, 60)),
-    min_size=1, max_size=24,
+    min_size=1,
+    max_size=24,
 )
 gpus_strategy = st.lists(st.sampled_from([24, 40, 80]), min_size=1, max_size=6)
 

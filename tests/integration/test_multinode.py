@@ -1,0 +1,76 @@
+"""Many nodes: a second Ray node (its own raylet and logical GPU) joins the session cluster;
+eight 0.25 models spread over both, the gateway reaches all, and losing a node is answered
+clearly for its models while the others keep serving."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from ray.util.state import list_nodes
+
+from zeroserve.cluster import add_node, kill_node
+
+from .conftest import Pool, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = {
+    "task": "classify",
+    "model": "./models/tiny-sentiment",
+    "gpu_fraction": 0.25,
+    "num_cpus": 0.05,
+    "cold_start_timeout_s": 10,
+    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+}
+
+
+def _alive_nodes(pool: Pool) -> int:
+    return sum(1 for n in list_nodes(address=pool.cluster.dashboard_url) if n.state == "ALIVE")
+
+
+def _classify(pool: Pool, model: str) -> httpx.Response:
+    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=60)
+
+
+def test_eight_models_across_two_nodes_and_a_lost_node(pool: Pool) -> None:
+    before = _alive_nodes(pool)
+    node = add_node(
+        pool.run_dir, pool.cluster, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    )
+    try:
+        wait_for(lambda: _alive_nodes(pool) == before + 1, 60, "the second node to join")
+        models = {f"n{i}": dict(ARGS) for i in range(8)}
+        pool.deploy(pool.config(models), timeout_s=300)
+        wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 300, "eight replicas running")
+
+        placement = {m: pool.replicas(m)[0]["node_id"] for m in models}
+        per_node = Counter(placement.values())
+        assert len(per_node) == 2 and sorted(per_node.values()) == [4, 4], per_node
+
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(lambda m: _classify(pool, m), models))
+        assert [r.status_code for r in answers] == [200] * 8
+        listed = {
+            m["id"]: m["zeroserve"]["nodes"] for m in httpx.get(f"{pool.base_url}/v1/models", timeout=10).json()["data"]
+        }
+        assert {tuple(v) for v in listed.values()} == {(n,) for n in per_node}
+
+        # Lose the second node abruptly. Its models cannot move (the head's GPU is full):
+        # their requests are refused clearly within their bound; the head's models keep serving.
+        head_node = next(n.node_id for n in list_nodes(address=pool.cluster.dashboard_url) if n.is_head_node)
+        lost = [m for m, n in placement.items() if n != head_node]
+        kept = [m for m, n in placement.items() if n == head_node]
+        kill_node(node)
+        start = time.monotonic()
+        resp = _classify(pool, lost[0])
+        assert time.monotonic() - start < 60
+        assert resp.status_code in (200, 503), resp.text
+        if resp.status_code == 503:
+            assert int(resp.headers["retry-after"]) > 0 and lost[0] in resp.json()["error"]["message"]
+        for m in kept:
+            assert _classify(pool, m).status_code == 200
+    finally:
+        kill_node(node)
