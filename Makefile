@@ -62,7 +62,7 @@ deploy: venv
 stop: venv
 	$(BIN)/zeroserve stop
 
-test: models
+test: models lint
 	$(BIN)/pytest -q tests
 
 test-unit: venv

@@ -82,7 +82,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("estimate.md"))
     args = parser.parse_args()
     import torch
-
     from gpu_share import build_model
 
     from zeroserve.config import ModelSpec

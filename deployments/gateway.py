@@ -78,6 +78,7 @@ class ServeBackend:
             if self._entries is not None and self._fetched_at >= started - 0.05 and not refresh:
                 return self._entries
             client = serve.context._get_global_client()
+            assert client is not None, "not running inside a Serve application"
             details = await asyncio.to_thread(client.get_serve_details)
             self._entries = entries_from_details(details)
             self._fetched_at = time.monotonic()
@@ -148,7 +149,7 @@ def build(args: dict[str, Any]) -> Application:
         ConfigError: the args are invalid; Serve shows the message in ``serve status``.
     """
     spec = parse_gateway_spec(args)
-    return Gateway.options(
+    return Gateway.options(  # type: ignore[attr-defined]
         num_replicas=spec.num_replicas,
         ray_actor_options={"num_cpus": spec.num_cpus},
         # The gateway sheds load itself (503 + Retry-After); Serve must not queue first.

@@ -45,10 +45,10 @@ class ModelServer:
         self.name = serve.get_replica_context().app_name
         self.engine = (engine_factory or create_engine)(self.spec, self.name)
         await self.engine.start()
-        self._embed_batch.set_max_batch_size(self.spec.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self._classify_batch.set_max_batch_size(self.spec.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self._embed_batch.set_max_batch_size(self.spec.max_batch_size)  # type: ignore[attr-defined]
+        self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._classify_batch.set_max_batch_size(self.spec.max_batch_size)  # type: ignore[attr-defined]
+        self._classify_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.batch_sizes: list[int] = []
         self.ready_at = time.time()
 
@@ -119,7 +119,7 @@ def build(args: dict[str, Any]) -> Application:
         ConfigError: the spec is invalid; Serve shows the message in ``serve status``.
     """
     spec = parse_model_spec(args)
-    return ModelServer.options(
+    return ModelServer.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_gpus": spec.gpu_fraction, "num_cpus": spec.num_cpus},
         autoscaling_config=spec.autoscaling.to_ray(),
         max_ongoing_requests=spec.max_ongoing_requests,

@@ -121,7 +121,7 @@ def build_tiny_llama(out: Path, steps: int = 150) -> Path:
     torch.manual_seed(SEED)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(out)
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -161,7 +161,7 @@ def build_tiny_classifier(out: Path, steps: int = 80) -> Path:
     torch.manual_seed(SEED)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(out)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroserve.config import ConfigError, ModelSpec, resolve_model_source
-from zeroserve.memory import CUDA_CONTEXT_BYTES, GIB
+from zeroserve.memory import CUDA_CONTEXT_BYTES
 
 __all__ = [
     "GPU",

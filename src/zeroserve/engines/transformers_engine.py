@@ -373,7 +373,7 @@ class _OOMGuard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         import torch
 
         if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
@@ -384,4 +384,3 @@ class _OOMGuard:
                 code="gpu_memory_exceeded",
                 retry_after_s=1,
             ) from None
-        return False

@@ -156,9 +156,9 @@ class VLLMEngine(Engine):
         if gpu_id is not None:
             with gpu_start_lock(gpu_id) as waited:
                 self.timings["start_lock_wait_s"] = waited
-                self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])
+                self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])  # type: ignore[list-item]
         else:
-            self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])
+            self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])  # type: ignore[list-item]
         self.timings["weights_s"] = time.perf_counter() - start
         tasks = await self.client.get_supported_tasks()
         self.state = State()

@@ -144,7 +144,7 @@ class _RequestIdMiddleware:
                     error_body("The server had an error while processing your request.", "internal_error"),
                     status_code=500,
                 )
-                await response(scope, receive, send_with_id)
+                await response(scope, receive, send_with_id)  # type: ignore[arg-type]
         finally:
             logger.info(
                 "[%s] %s %s -> %d in %.1f ms",
@@ -394,16 +394,16 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         texts = req.texts()
         with admission.slot(entry.name):
             result = await bounded(entry, backend.embed(entry, texts, req.dimensions))
-        data = []
+        items = []
         for i, emb in enumerate(result):
             vector: Any = emb.vector
             if req.encoding_format == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(emb.vector)}f", *emb.vector)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
+            items.append({"object": "embedding", "index": i, "embedding": vector})
         tokens = sum(e.num_tokens for e in result)
         return {
             "object": "list",
-            "data": data,
+            "data": items,
             "model": entry.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
@@ -593,7 +593,9 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             check_caps(head, entry)
             endpoint = "chat/completions" if chat else "completions"
             return await passthrough(entry, endpoint, data, request.state.request_id)
-        req = validate(data, ChatCompletionRequest if chat else CompletionRequest)
+        req: ChatCompletionRequest | CompletionRequest = (
+            validate(data, ChatCompletionRequest) if chat else validate(data, CompletionRequest)
+        )
         return await run_generation(request, req, entry, chat=chat)
 
     @app.post("/v1/chat/completions")
