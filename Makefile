@@ -15,11 +15,13 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status test test-unit test-integration lint bench gpu-check clean
+.PHONY: help venv models run deploy stop status observe test test-unit test-integration lint bench gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
 	@echo "make stop       stop the cluster that 'make run' started (only that one)"
+	@echo "make status     the models, their state and figures, and the GPU pool"
+	@echo "make observe    Prometheus on 127.0.0.1:9090 scraping the local cluster"
 	@echo "make test       set up and run the whole test suite"
 	@echo "make deploy     plan, then deploy CONFIG=... (CLUSTER=cluster.yaml or GPUS=4xA100-80GB; ADDRESS=...)"
 	@echo "make bench      run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
@@ -60,7 +62,14 @@ deploy: venv
 	$(BIN)/zeroserve deploy $(CONFIG) $(if $(ADDRESS),--address $(ADDRESS))
 
 stop: venv
+	@if [ -f .run/prometheus.pid ]; then kill "$$(cat .run/prometheus.pid)" 2>/dev/null || true; rm -f .run/prometheus.pid; fi
 	$(BIN)/zeroserve stop
+
+status: venv
+	$(BIN)/zeroserve status
+
+observe:
+	bash scripts/observe.sh
 
 test: models lint
 	$(BIN)/pytest -q tests

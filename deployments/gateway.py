@@ -19,6 +19,7 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import GatewayMetrics
 from zeroserve.config import GatewaySpec, parse_gateway_spec
 from zeroserve.engines import Classification, Delta, Embedding
 from zeroserve.errors import ModelUnavailableError, OverloadedError, ZeroserveError
@@ -94,6 +95,12 @@ class ServeBackend:
             self._handles[entry.name] = handle
         return handle
 
+    async def gpus(self) -> dict[str, float]:
+        import ray
+
+        nodes = await asyncio.to_thread(ray.nodes)
+        return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0)) for n in nodes if n.get("Alive")}
+
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         try:
             return await self._handle(entry).embed.remote(list(texts), dimensions)  # type: ignore[no-any-return]
@@ -132,14 +139,33 @@ class ServeBackend:
 class Gateway:
     """The OpenAI endpoint. Its app is built per replica around a :class:`ServeBackend`."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    async def __init__(self, spec: dict[str, Any]) -> None:  # type: ignore[misc]
         configure_logging()
         self.spec = GatewaySpec.model_validate(spec)
         self.backend = ServeBackend(self.spec)
+        self.metrics = GatewayMetrics() if self.spec.metrics else None
         logger.info("gateway config: %s", self.spec.model_dump())
+        if self.metrics is not None:
+            self._refresher = asyncio.create_task(self._publish_states())
+
+    async def _publish_states(self) -> None:
+        """Keep the model-state and replica gauges current even when nobody lists models."""
+        assert self.metrics is not None
+        while True:
+            try:
+                models = await self.backend.models(refresh=True)
+                self.metrics.states({n: (e.state.value, e.replicas) for n, e in models.items()})
+                allocated: dict[str, float] = {}
+                for entry in models.values():
+                    for node in entry.replica_nodes:
+                        allocated[node] = allocated.get(node, 0.0) + (entry.spec.gpu_fraction if entry.spec else 0)
+                self.metrics.pool(allocated, await self.backend.gpus())
+            except Exception as err:  # noqa: BLE001 - the next round retries
+                logger.warning("could not refresh model states: %s", err)
+            await asyncio.sleep(max(self.spec.discovery_ttl_s, 2.0))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.spec, self.backend)
+        return create_app(self.spec, self.backend, self.metrics)
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -15,8 +15,10 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments.metrics import ReplicaMetrics
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
+from zeroserve.gateway.telemetry import BusyClock
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.streams import coalesce
@@ -51,6 +53,12 @@ class ModelServer:
         self._classify_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.batch_sizes: list[int] = []
         self.ready_at = time.time()
+        self.metrics = ReplicaMetrics(self.name)
+        self.busy = BusyClock(lambda seconds: self.metrics.gpu_seconds(seconds * self.spec.gpu_fraction))
+        timings = dict(getattr(self.engine, "timings", {}))
+        self.metrics.started(
+            {**{k.removesuffix("_s"): v for k, v in timings.items()}, "total": self.ready_at - self.started_at}
+        )
 
     def check_health(self) -> None:
         self.engine.health()
@@ -75,7 +83,11 @@ class ModelServer:
     async def _run_batched(self, fn: Callable[[list[str]], list[Any]], requests: list[list[str]]) -> list[list[Any]]:
         flat = [t for texts in requests for t in texts]
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
-        results = await asyncio.to_thread(fn, flat)
+        self.busy.enter()
+        try:
+            results = await asyncio.to_thread(fn, flat)
+        finally:
+            self.busy.exit()
         out, pos = [], 0
         for texts in requests:
             out.append(results[pos : pos + len(texts)])
@@ -85,8 +97,12 @@ class ModelServer:
     # -- generation ----------------------------------------------------------------
     async def stream(self, prompt: str | list[dict[str, str]], params: GenerateParams) -> AsyncIterator[Delta]:
         text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
-        async for delta in self.engine.stream(text, params):
-            yield delta
+        self.busy.enter()
+        try:
+            async for delta in self.engine.stream(text, params):
+                yield delta
+        finally:
+            self.busy.exit()
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """An OpenAI request served by the engine's own OpenAI layer (vLLM).
@@ -94,12 +110,16 @@ class ModelServer:
         SSE lines already waiting are sent as one item: each item costs a message on every
         hop (replica, gateway, proxy), which under load costs more than the tokens.
         """
-        stream = self.engine.openai(endpoint, body)
-        first = await anext(stream)
-        yield first
-        if first[0] == "sse":
-            async for chunk in coalesce(stream):
-                yield chunk
+        self.busy.enter()
+        try:
+            stream = self.engine.openai(endpoint, body)
+            first = await anext(stream)
+            yield first
+            if first[0] == "sse":
+                async for chunk in coalesce(stream):
+                    yield chunk
+        finally:
+            self.busy.exit()
 
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""

@@ -131,6 +131,84 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_table(data: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    def ago(ts: float | None) -> str:
+        return "-" if ts is None else f"{max(0.0, data['time'] - ts):.0f} s ago"
+
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f} ms" if v < 1 else f"{v:.1f} s"
+
+    models = Table(title="zeroserve models")
+    for col in (
+        "model",
+        "task",
+        "engine",
+        "state",
+        "replicas",
+        "GPU",
+        "nodes",
+        "last request",
+        "req/min",
+        "p50",
+        "cold start p50",
+    ):
+        models.add_column(col)
+    colors = {"ready": "green", "starting": "yellow", "cold": "blue", "failed": "red"}
+    for m in data["models"]:
+        models.add_row(
+            m["id"],
+            str(m["task"]),
+            str(m["engine"]),
+            f"[{colors.get(m['state'], 'white')}]{m['state']}[/]",
+            f"{m['replicas']}/{m['target_replicas']}",
+            f"{m['gpu_fraction']}",
+            ", ".join(n[:8] for n in m["nodes"]) or "-",
+            ago(m["last_request"]),
+            str(m["requests_per_min"]),
+            secs(m["p50_latency_s"]),
+            secs(m["cold_start_p50_s"]),
+        )
+    pool = Table(title="GPU pool")
+    for col in ("node", "GPUs", "used", "occupancy"):
+        pool.add_column(col)
+    for p in data["pool"]:
+        occ = "-" if p["occupancy"] is None else f"{p['occupancy']:.0%}"
+        pool.add_row(p["node"][:12], str(p["gpus"]), f"{p['gpus_used']:g}", occ)
+    return Group(models, pool)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    url = f"{args.url.rstrip('/')}/v1/zeroserve/status"
+    try:
+        data = _get_json(url, timeout=10)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        _print(f"cannot reach the gateway at {args.url}: {err}")
+        return 1
+    if args.json:
+        _print(json.dumps(data, indent=2))
+        return 0
+    console = Console()
+    if not args.watch:
+        console.print(_status_table(data))
+        return 0
+    with Live(_status_table(data), console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                try:
+                    live.update(_status_table(_get_json(url, timeout=10)))
+                except (urllib.error.URLError, OSError, ValueError) as err:
+                    live.update(f"cannot reach the gateway: {err}")
+        except KeyboardInterrupt:
+            return 0
+
+
 def cmd_build_models(args: argparse.Namespace) -> int:
     from zeroserve.demo_models import build_all
 
@@ -249,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", help="a Ray cluster-launcher config (cluster.yaml)")
     p.add_argument("--gpus", help="shorthand such as 4xA100-80GB or 2xA100-80GB,1xL4")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("status", help="models, their state and figures, and the GPU pool")
+    p.add_argument("--url", default=os.environ.get("ZEROSERVE_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("build-models", help="build the demo models offline")
     p.add_argument("--out", type=Path, default=Path("models"))

@@ -28,6 +28,7 @@ class LocalCluster:
     gcs_port: int
     dashboard_port: int
     temp_dir: str
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -36,6 +37,11 @@ class LocalCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The head node's Prometheus endpoint (Ray's metrics and zeroserve's, prefixed ray_)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 def free_port() -> int:
@@ -93,6 +99,7 @@ def start_local(
     temp_dir = f"/tmp/zs-{os.getpid()}-{int(time.time())}"
     gcs_port = gcs_port or free_port()
     dashboard_port = dashboard_port or free_port()
+    metrics_port = free_port()
     ray = Path(sys.executable).with_name("ray")
     cmd = [
         str(ray),
@@ -114,13 +121,15 @@ def start_local(
         "--disable-usage-stats",
         "--include-dashboard",
         "true",
+        "--metrics-export-port",
+        str(metrics_port),
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     log = open(run_dir / "ray.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    cluster = LocalCluster(proc.pid, gcs_port, dashboard_port, temp_dir)
+    cluster = LocalCluster(proc.pid, gcs_port, dashboard_port, temp_dir, metrics_port)
     (run_dir / "cluster.json").write_text(json.dumps(asdict(cluster)))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

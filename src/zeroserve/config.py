@@ -188,6 +188,10 @@ class GatewaySpec(_Strict):
     retry_after_s: int = Field(default=5, gt=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     discovery_ttl_s: float = Field(default=2.0, ge=0)
+    keepalive_s: float = Field(
+        default=5.0, gt=0, description="SSE comment interval while a streamed request waits for a cold model."
+    )
+    metrics: bool = Field(default=True, description="Export Prometheus metrics through Ray's pipeline.")
 
 
 def _format_errors(owner: str, err: ValidationError, args: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from zeroserve.protocol import GenerateParams
 class FakeBackend:
     def __init__(self) -> None:
         self.entries = {
-            "emb": ModelEntry("emb", ModelSpec(task="embed", model="./e"), ModelState.READY, 1),
+            "emb": ModelEntry("emb", ModelSpec(task="embed", model="./e"), ModelState.READY, 1, replica_nodes=("n1",)),
             "gen": ModelEntry("gen", ModelSpec(task="generate", model="./g", max_tokens_cap=64), ModelState.READY, 1),
             "cls": ModelEntry("cls", ModelSpec(task="classify", model="./c"), ModelState.COLD),
             "sleepy": ModelEntry(
@@ -40,6 +40,9 @@ class FakeBackend:
 
     async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
         return self.entries
+
+    async def gpus(self) -> dict[str, float]:
+        return {"n1": 1.0}
 
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         if entry.name == "sleepy":
@@ -248,3 +251,13 @@ async def test_classify_follows_vllm_shape(client: httpx.AsyncClient) -> None:
         "probs": [0.25, 0.75],
         "num_classes": 2,
     }
+
+
+async def test_status_endpoint_reports_models_and_pool(client: httpx.AsyncClient, backend: FakeBackend) -> None:
+    await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+    resp = await client.get("/v1/zeroserve/status")
+    body = resp.json()
+    rows = {m["id"]: m for m in body["models"]}
+    assert rows["emb"]["requests_per_min"] == 1 and rows["emb"]["last_request"] is not None
+    assert rows["cls"]["state"] == "cold" and rows["cls"]["requests_per_min"] == 0
+    assert body["pool"] == [{"node": "n1", "gpus": 1.0, "gpus_used": 0.25, "occupancy": 0.25}]

@@ -17,7 +17,8 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,7 @@ from zeroserve.errors import (
 )
 from zeroserve.gateway.backend import Backend, Prompt
 from zeroserve.gateway.registry import ModelEntry, ModelState
+from zeroserve.gateway.telemetry import FanOut, NullObserver, Observer, RollingStats, WakeTracker
 from zeroserve.protocol import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -65,7 +67,10 @@ class Admission:
     client back off and keeps the admitted requests fast.
     """
 
-    def __init__(self, total: int, per_model: int, retry_after_s: int) -> None:
+    def __init__(
+        self, total: int, per_model: int, retry_after_s: int, on_change: Callable[[str, int], None] | None = None
+    ) -> None:
+        self.on_change = on_change or (lambda model, count: None)
         self.total_limit = total
         self.per_model_limit = per_model
         self.retry_after_s = retry_after_s
@@ -89,10 +94,12 @@ class Admission:
             )
         self.total += 1
         self.per_model[model] += 1
+        self.on_change(model, self.per_model[model])
 
     def release(self, model: str) -> None:
         self.total -= 1
         self.per_model[model] -= 1
+        self.on_change(model, self.per_model[model])
 
     @contextlib.contextmanager
     def slot(self, model: str) -> Iterator[None]:
@@ -103,6 +110,18 @@ class Admission:
             self.release(model)
 
 
+_ROUTES = {
+    "/v1/embeddings": "embeddings",
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/classify": "classify",
+    "/classify": "classify",
+    "/v1/models": "models",
+    "/health": "health",
+    "/v1/zeroserve/status": "status",
+}
+
+
 class _RequestIdMiddleware:
     """Give every request an id (the client's ``X-Request-Id`` if well-formed), return it
     in the response headers, and log one line per request.
@@ -111,8 +130,9 @@ class _RequestIdMiddleware:
     of a stream through an extra queue.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, observer: Any = None) -> None:
         self.app = app
+        self.observer = observer or NullObserver()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -123,8 +143,10 @@ class _RequestIdMiddleware:
             if key == b"x-request-id":
                 given = value.decode("latin-1")
         request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         start = time.perf_counter()
+        state["start"] = start
         status = 500
         started = False
 
@@ -146,13 +168,19 @@ class _RequestIdMiddleware:
                 )
                 await response(scope, receive, send_with_id)  # type: ignore[arg-type]
         finally:
+            seconds = time.perf_counter() - start
+            route = _ROUTES.get(scope.get("path", ""), "other")
+            model = state.get("model", "_none")
+            self.observer.request(model, route, status, seconds)
             logger.info(
-                "[%s] %s %s -> %d in %.1f ms",
+                "[%s] %s %s model=%s -> %d in %.1f ms tokens=%s",
                 request_id,
                 scope.get("method"),
                 scope.get("path"),
+                model,
                 status,
-                (time.perf_counter() - start) * 1000,
+                seconds * 1000,
+                state.get("tokens", "-"),
             )
 
 
@@ -172,15 +200,19 @@ def _pydantic_error(err: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{where}: {msg}" if where else msg, param=param)
 
 
-def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
+def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = None) -> FastAPI:
     """Build the gateway's FastAPI app around a backend.
 
     Args:
         spec: the gateway's limits and timeouts.
         backend: how models are listed and called (Ray Serve handles in production).
+        observer: receives every request's figures (Prometheus metrics in production).
     """
+    stats = RollingStats()
+    obs: Any = FanOut(stats, observer) if observer is not None else stats
+    wakes = WakeTracker()
     app = FastAPI(title="zeroserve", version="0.1.0", docs_url="/docs", redoc_url=None)
-    admission = Admission(spec.max_inflight_requests, spec.max_inflight_per_model, spec.retry_after_s)
+    admission = Admission(spec.max_inflight_requests, spec.max_inflight_per_model, spec.retry_after_s, obs.inflight)
     app.state.admission = admission
 
     # -- errors ------------------------------------------------------------------
@@ -206,7 +238,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             status_code=500,
         )
 
-    app.add_middleware(_RequestIdMiddleware)
+    app.add_middleware(_RequestIdMiddleware, observer=obs)
 
     # -- helpers -----------------------------------------------------------------
     async def read_json(request: Request) -> dict[str, Any]:
@@ -236,7 +268,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         except RecursionError:
             raise InvalidRequestError("the body is nested too deeply") from None
 
-    async def lookup(name: str, task: str, wanted: str) -> ModelEntry:
+    async def lookup(request: Request, name: str, task: str, wanted: str) -> ModelEntry:
         models = await backend.models()
         entry = models.get(name)
         if entry is None:
@@ -244,6 +276,10 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             entry = (await backend.models(refresh=True)).get(name)
         if entry is None:
             raise ModelNotFoundError(name)
+        request.state.model = entry.name
+        if entry.state is not ModelState.READY:
+            # Not ready in a cached view: look at the live state (timeouts and cold-start counts use it).
+            entry = (await backend.models(refresh=True)).get(name) or entry
         if entry.spec is None or entry.state is ModelState.FAILED:
             raise ModelUnavailableError(
                 f"model '{name}' failed to start: {entry.message or 'see serve status'}",
@@ -267,12 +303,18 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         # A cold model's first answer includes its wake-up; a ready one's does not.
         assert entry.spec is not None
         budget = spec.request_timeout_s
-        if entry.state is not ModelState.READY:
+        cold = entry.state is not ModelState.READY
+        if cold:
             budget = entry.spec.cold_start_timeout_s or spec.cold_start_timeout_s
+            wakes.begin(entry.name)
         try:
-            return await asyncio.wait_for(coro, budget)
+            result = await asyncio.wait_for(coro, budget)
         except TimeoutError:
+            wakes.abandon(entry.name)
             raise wake_error(entry, budget) from None
+        if cold and (woke := wakes.end(entry.name)) is not None:
+            obs.cold_start(entry.name, woke)
+        return result
 
     def check_caps(req: ChatCompletionRequest | CompletionRequest | PassthroughRequest, entry: ModelEntry) -> None:
         assert entry.spec is not None
@@ -299,25 +341,55 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             seed=req.seed,
         )
 
-    async def passthrough(entry: ModelEntry, endpoint: str, body: dict[str, Any], request_id: str) -> Response:
-        """Forward to the engine's own OpenAI layer; keep admission, deadlines and errors."""
+    def sse_headers() -> dict[str, str]:
+        return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+    def waking_comment(entry: ModelEntry) -> str:
+        return f": waiting for model '{entry.name}' to wake\n\n"
+
+    async def passthrough(
+        request: Request, entry: ModelEntry, endpoint: str, body: dict[str, Any], streaming: bool
+    ) -> Response:
+        """Forward to the engine's own OpenAI layer; keep admission, deadlines, errors, metrics."""
+        request_id: str = request.state.request_id
+        started: float = request.state.start
+        wants_usage = True
+        if streaming:
+            # Ask for the usage chunk for metering and metrics; drop it if the client did not.
+            options = dict(body.get("stream_options") or {})
+            wants_usage = bool(options.get("include_usage"))
+            body = {**body, "stream_options": {**options, "include_usage": True}}
         admission.acquire(entry.name)
         stream = backend.openai(entry, endpoint, body)
-        try:
-            kind, payload = await bounded(entry, stream.__anext__())
-        except StopAsyncIteration:
-            admission.release(entry.name)
-            raise ModelUnavailableError(f"model '{entry.name}' returned nothing", retry_after_s=1) from None
-        except BaseException:
-            admission.release(entry.name)
-            raise
-        if kind == "json":
-            admission.release(entry.name)
-            return JSONResponse(payload)
+
+        async def accepted() -> tuple[str, Any]:
+            try:
+                return await bounded(entry, anext(stream))  # type: ignore[no-any-return]
+            except StopAsyncIteration:
+                raise ModelUnavailableError(f"model '{entry.name}' returned nothing", retry_after_s=1) from None
+
+        waking = streaming and entry.state is not ModelState.READY
+        if not waking:
+            try:
+                kind, payload = await accepted()
+            except BaseException:
+                admission.release(entry.name)
+                raise
+            if kind == "json":
+                admission.release(entry.name)
+                usage = payload.get("usage") or {}
+                record_tokens(request, entry, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                return JSONResponse(payload)
 
         async def events() -> AsyncIterator[str]:
-            deadline = asyncio.get_running_loop().time() + spec.request_timeout_s
+            first_at: float | None = None
+            usage: dict[str, int] = {}
             try:
+                if waking:
+                    async for item in _keepalive(accepted(), spec.keepalive_s, waking_comment(entry)):
+                        if isinstance(item, str):
+                            yield item
+                deadline = asyncio.get_running_loop().time() + spec.request_timeout_s
                 while True:
                     # One deadline for the whole stream; asyncio.timeout adds no task per item.
                     async with asyncio.timeout_at(deadline):
@@ -325,16 +397,29 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                             item = await anext(stream)
                         except StopAsyncIteration:
                             break
-                    yield item
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        obs.first_token(entry.name, first_at - started)
+                    if '"choices":[],' in item and '"usage":' in item:
+                        item, usage = _take_usage(item, keep=wants_usage)
+                    if item:
+                        yield item
+                if usage:
+                    record_tokens(request, entry, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    if first_at is not None and usage.get("completion_tokens", 0) > 1:
+                        per_token = (time.perf_counter() - first_at) / (usage["completion_tokens"] - 1)
+                        obs.per_output_token(entry.name, per_token)
             except Exception as err:  # noqa: BLE001 - in-band: the headers are sent
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
             finally:
                 admission.release(entry.name)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers())
+
+    def record_tokens(request: Request, entry: ModelEntry, prompt: int, completion: int) -> None:
+        request.state.tokens = f"{prompt}+{completion}"
+        obs.tokens(entry.name, prompt, completion)
 
     # -- routes ------------------------------------------------------------------
     @app.get("/health")
@@ -371,6 +456,33 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
             },
         }
 
+    @app.get("/v1/zeroserve/status")
+    async def pool_status() -> dict[str, Any]:
+        """Models with their state and recent figures, and the pool's GPU occupancy per node."""
+        models = await backend.models(refresh=True)
+        try:
+            capacity = await backend.gpus()
+        except Exception as err:  # noqa: BLE001 - occupancy without capacities is still useful
+            logger.warning("status: node capacities unavailable: %s", err)
+            capacity = {}
+        used: Counter[str] = Counter()
+        rows = []
+        for name, entry in sorted(models.items()):
+            fraction = entry.spec.gpu_fraction if entry.spec else 0.0
+            for node in entry.replica_nodes:
+                used[node] += fraction
+            rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name)})
+        pool = [
+            {
+                "node": node,
+                "gpus": capacity.get(node),
+                "gpus_used": round(used.get(node, 0.0), 4),
+                "occupancy": round(used.get(node, 0.0) / capacity[node], 4) if capacity.get(node) else None,
+            }
+            for node in sorted(set(capacity) | set(used))
+        ]
+        return {"models": rows, "pool": pool, "time": time.time()}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         models = await backend.models(refresh=True)
@@ -387,9 +499,9 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
     async def embeddings(request: Request) -> Any:
         data = await read_json(request)
         head = validate(data, PassthroughRequest)
-        entry = await lookup(head.model, "embed", "embeddings")
+        entry = await lookup(request, head.model, "embed", "embeddings")
         if entry.spec is not None and entry.spec.engine == "vllm":
-            return await passthrough(entry, "embeddings", data, request.state.request_id)
+            return await passthrough(request, entry, "embeddings", data, streaming=False)
         req = validate(data, EmbeddingRequest)
         texts = req.texts()
         with admission.slot(entry.name):
@@ -401,6 +513,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                 vector = base64.b64encode(struct.pack(f"<{len(emb.vector)}f", *emb.vector)).decode()
             items.append({"object": "embedding", "index": i, "embedding": vector})
         tokens = sum(e.num_tokens for e in result)
+        record_tokens(request, entry, tokens, 0)
         return {
             "object": "list",
             "data": items,
@@ -411,13 +524,14 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
     async def classify(request: Request) -> Any:
         data = await read_json(request)
         head = validate(data, PassthroughRequest)
-        entry = await lookup(head.model, "classify", "classification")
+        entry = await lookup(request, head.model, "classify", "classification")
         if entry.spec is not None and entry.spec.engine == "vllm":
-            return await passthrough(entry, "classify", data, request.state.request_id)
+            return await passthrough(request, entry, "classify", data, streaming=False)
         req = validate(data, ClassifyRequest)
         with admission.slot(entry.name):
             result = await bounded(entry, backend.classify(entry, req.texts()))
         tokens = sum(c.num_tokens for c in result)
+        record_tokens(request, entry, tokens, 0)
         return {
             "id": new_id("classify"),
             "object": "list",
@@ -457,15 +571,18 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         ident = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         obj = "chat.completion" if chat else "text_completion"
-        admission.acquire(entry.name)
-        try:
-            streams = [backend.stream(entry, p, params) for p in prompts]
-            firsts = await asyncio.gather(*(first_delta(entry, s) for s in streams))
-        except BaseException:
-            admission.release(entry.name)
-            raise
-        prompt_tokens = sum(d.prompt_tokens for d in firsts)
         n = params.n
+        admission.acquire(entry.name)
+        streams = [backend.stream(entry, p, params) for p in prompts]
+        waking = req.stream and entry.state is not ModelState.READY
+        firsts: list[Delta] = []
+        if not waking:
+            try:
+                firsts = list(await asyncio.gather(*(first_delta(entry, s) for s in streams)))
+            except BaseException:
+                admission.release(entry.name)
+                raise
+        started: float = request.state.start
 
         if not req.stream:
             try:
@@ -480,6 +597,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                 ) from None
             finally:
                 admission.release(entry.name)
+            prompt_tokens = sum(d.prompt_tokens for d in firsts)
             choices = []
             completion_tokens = 0
             for p_idx, (texts, reasons, counts) in enumerate(outputs):
@@ -504,6 +622,7 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                                 "finish_reason": reasons[i],
                             }
                         )
+            record_tokens(request, entry, prompt_tokens, completion_tokens)
             return JSONResponse(
                 {
                     "id": ident,
@@ -545,7 +664,17 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             completion_tokens: Counter[int] = Counter()
+            first_at: float | None = None
+            nonlocal firsts
             try:
+                if waking:
+                    gathered = asyncio.gather(*(first_delta(entry, s) for s in streams))
+                    async for item in _keepalive(gathered, spec.keepalive_s, waking_comment(entry)):
+                        if isinstance(item, str):
+                            yield item
+                        else:
+                            firsts = list(item.value)
+                prompt_tokens = sum(d.prompt_tokens for d in firsts)
                 if chat:
                     for p_idx in range(len(streams)):
                         for i in range(n):
@@ -561,6 +690,9 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                     index = p_idx * n + delta.index
                     completion_tokens[index] = max(completion_tokens[index], delta.completion_tokens)
                     if delta.text or delta.finish_reason:
+                        if first_at is None:
+                            first_at = time.perf_counter()
+                            obs.first_token(entry.name, first_at - started)
                         yield chunk([choice(index, delta.text, delta.finish_reason)])
                 if req.include_usage:
                     total_completion = sum(completion_tokens.values())
@@ -573,6 +705,10 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
                         },
                     )
                 yield "data: [DONE]\n\n"
+                total = sum(completion_tokens.values())
+                record_tokens(request, entry, prompt_tokens, total)
+                if first_at is not None and total > 1:
+                    obs.per_output_token(entry.name, (time.perf_counter() - first_at) / (total - 1))
             except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
@@ -588,11 +724,11 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
     async def generation_route(request: Request, chat: bool) -> Response:
         data = await read_json(request)
         head = validate(data, PassthroughRequest)
-        entry = await lookup(head.model, "generate", "chat completions" if chat else "completions")
+        entry = await lookup(request, head.model, "generate", "chat completions" if chat else "completions")
         if entry.spec is not None and entry.spec.engine == "vllm":
             check_caps(head, entry)
             endpoint = "chat/completions" if chat else "completions"
-            return await passthrough(entry, endpoint, data, request.state.request_id)
+            return await passthrough(request, entry, endpoint, data, streaming=head.stream)
         req: ChatCompletionRequest | CompletionRequest = (
             validate(data, ChatCompletionRequest) if chat else validate(data, CompletionRequest)
         )
@@ -607,6 +743,44 @@ def create_app(spec: GatewaySpec, backend: Backend) -> FastAPI:
         return await generation_route(request, chat=False)
 
     return app
+
+
+@dataclass
+class _Result:
+    value: Any
+
+
+async def _keepalive(aw: Any, interval_s: float, comment: str) -> AsyncIterator[Any]:
+    """Await ``aw``, yielding an SSE comment every ``interval_s`` meanwhile, then its result.
+
+    A stream to a cold model sends its headers at once and these comments while the model
+    wakes, so clients and proxies with idle timeouts do not give up on it.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval_s)
+            if done:
+                yield _Result(task.result())
+                return
+            yield comment
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _take_usage(item: str, keep: bool) -> tuple[str, dict[str, int]]:
+    """Find vLLM's usage chunk among the SSE lines of ``item``; drop it unless ``keep``."""
+    usage: dict[str, int] = {}
+    kept = []
+    for line in item.split("\n\n"):
+        if line.startswith("data: {") and '"choices":[],' in line and '"usage":' in line:
+            usage = json.loads(line[6:]).get("usage") or {}
+            if not keep:
+                continue
+        if line:
+            kept.append(line + "\n\n")
+    return "".join(kept), usage
 
 
 def _stream_error(err: Exception, request_id: str) -> str:

@@ -31,6 +31,10 @@ class Backend(Protocol):
         """Deltas of a generation; the first one (index -1) means the prompt was accepted."""
         ...
 
+    async def gpus(self) -> dict[str, float]:
+        """GPUs per live node (node id to count), for the pool's occupancy."""
+        ...
+
     def openai(self, entry: ModelEntry, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Forward an OpenAI request to the engine's own OpenAI layer (vLLM models).
 

@@ -38,6 +38,7 @@ class ModelEntry:
     replicas: int = 0
     target_replicas: int = 0
     nodes: tuple[str, ...] = ()
+    replica_nodes: tuple[str, ...] = ()  # one entry per running replica
     message: str = ""
     deployment: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +103,7 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
             replicas=len(replicas),
             target_replicas=int((dep or {}).get("target_num_replicas", 0)),
             nodes=tuple(sorted({str(r.get("node_id", "")) for r in replicas})),
+            replica_nodes=tuple(str(r.get("node_id", "")) for r in replicas),
             message=message,
             deployment=dep_name,
         )
