@@ -13,9 +13,9 @@ from ray.util.metrics import Counter, Gauge, Histogram
 __all__ = ["GatewayMetrics", "ReplicaMetrics", "STATES"]
 
 STATES = ("cold", "starting", "ready", "failed")
-LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
-TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
-COLD_BUCKETS = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+COLD_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 
 
 class GatewayMetrics:
@@ -64,6 +64,12 @@ class GatewayMetrics:
             tag_keys=("model", "state"),
         )
         self._replicas = Gauge("zeroserve_model_replicas", "Running replicas per model.", tag_keys=("model",))
+        self._node_gpus = Gauge("zeroserve_node_gpus", "GPUs of each live node.", tag_keys=("node",))
+        self._node_used = Gauge(
+            "zeroserve_node_gpus_allocated",
+            "Sum of the GPU fractions of the model replicas on each node.",
+            tag_keys=("node",),
+        )
 
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
         self._requests.inc(1, {"model": model, "route": route, "status": str(status)})

@@ -116,6 +116,18 @@ def parse_gpus(text: str) -> list[GPU]:
 
 
 # -- estimates ---------------------------------------------------------------------------
+def tensors_bytes(tensors: Sequence[tuple[str, Sequence[int]]], dtype: str = "auto") -> int:
+    """Bytes of (safetensors dtype, shape) pairs, float tensors counted in the load ``dtype``."""
+    target = DTYPE_BYTES.get(dtype)
+    total = 0
+    for st_dtype, shape in tensors:
+        size = DTYPE_BYTES.get(st_dtype, 4)
+        if target and st_dtype in ("F32", "F16", "BF16", "F64"):
+            size = target
+        total += (math.prod(shape) if shape else 1) * size
+    return total
+
+
 def read_safetensors_bytes(folder: Path, dtype: str = "auto") -> int | None:
     """Bytes of all tensors in a folder's safetensors files, from their headers only.
 
@@ -125,21 +137,32 @@ def read_safetensors_bytes(folder: Path, dtype: str = "auto") -> int | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    target = DTYPE_BYTES.get(dtype)
-    total = 0
+    tensors: list[tuple[str, Sequence[int]]] = []
     for path in files:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = math.prod(info["shape"]) if info["shape"] else 1
-            size = DTYPE_BYTES.get(info["dtype"], 4)
-            if target and info["dtype"] in ("F32", "F16", "BF16", "F64"):
-                size = target
-            total += numel * size
-    return total
+        tensors += [(i["dtype"], i["shape"]) for name, i in header.items() if name != "__metadata__"]
+    return tensors_bytes(tensors, dtype)
+
+
+def hub_safetensors_bytes(repo_id: str, dtype: str = "auto") -> tuple[int, dict[str, Any]] | None:
+    """Weights of a hub model from its safetensors headers (HTTP range reads, no weights
+    downloaded) and its config.json, where ``ZEROSERVE_ALLOW_HUB_DOWNLOAD=1`` allows the network.
+    """
+    from zeroserve.settings import get_settings
+
+    if not get_settings().allow_hub_download:
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        meta = get_safetensors_metadata(repo_id)
+        tensors = [(t.dtype, t.shape) for f in meta.files_metadata.values() for t in f.tensors.values()]
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception:  # noqa: BLE001 - no network or no safetensors: fall back to the spec's hints
+        return None
+    return tensors_bytes(tensors, dtype), config
 
 
 @dataclass(frozen=True)
@@ -201,6 +224,12 @@ def estimate(name: str, spec: ModelSpec, folder: Path | None = None) -> Estimate
     notes: list[str] = []
     weights = read_safetensors_bytes(folder, _dtype_name(nbytes)) if folder is not None else None
     source = "headers"
+    if weights is None and not spec.is_local:
+        remote = hub_safetensors_bytes(spec.model, spec.dtype)
+        if remote is not None:
+            weights, config = remote
+            nbytes = _dtype_bytes(spec, config)
+            source = "hub headers"
     if weights is None:
         if spec.weights_gb is None:
             raise ConfigError(

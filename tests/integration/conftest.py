@@ -130,9 +130,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path])
     cluster = start_local(
         run_dir,
         num_gpus=1,
-        env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1", "ZEROSERVE_LOG_LEVEL": "INFO",
-             # Export application metrics every second (Ray's default is 10 s) so tests wait less.
-             "RAY_metrics_report_interval_ms": "1000"},
+        env={
+            "ZEROSERVE_HOME": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "ZEROSERVE_LOG_LEVEL": "INFO",
+            # Export application metrics every second (Ray's default is 10 s) so tests wait less.
+            "RAY_metrics_report_interval_ms": "1000",
+        },
     )
     try:
         yield Pool(cluster, free_port(), run_dir)

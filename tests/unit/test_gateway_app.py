@@ -261,3 +261,12 @@ async def test_status_endpoint_reports_models_and_pool(client: httpx.AsyncClient
     assert rows["emb"]["requests_per_min"] == 1 and rows["emb"]["last_request"] is not None
     assert rows["cls"]["state"] == "cold" and rows["cls"]["requests_per_min"] == 0
     assert body["pool"] == [{"node": "n1", "gpus": 1.0, "gpus_used": 0.25, "occupancy": 0.25}]
+
+
+async def test_health_says_which_models_are_placeable(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/health")).json()
+    assert body["status"] == "ok"
+    # n1 has 1 GPU, 0.25 allocated to "emb": a cold 0.25 model fits, the failed one does not.
+    assert body["models"]["emb"] == {"state": "ready", "placeable": True}
+    assert body["models"]["cls"] == {"state": "cold", "placeable": True}
+    assert body["models"]["broken"] == {"state": "failed", "placeable": False}

@@ -425,7 +425,7 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
     @app.get("/health")
     async def health() -> Response:
         try:
-            await asyncio.wait_for(backend.models(), 10)
+            models = await asyncio.wait_for(backend.models(), 10)
         except Exception as err:  # noqa: BLE001 - not ready is the answer
             logger.warning("health: model directory unavailable: %s", err)
             return JSONResponse(
@@ -433,7 +433,29 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
                 status_code=503,
                 headers={"Retry-After": str(spec.retry_after_s)},
             )
-        return JSONResponse({"status": "ok"})
+        try:
+            capacity = await asyncio.wait_for(backend.gpus(), 10)
+        except Exception:  # noqa: BLE001 - placeability unknown, the gateway still serves
+            capacity = {}
+        return JSONResponse({"status": "ok", "models": placeability(models, capacity)})
+
+    def placeability(models: dict[str, ModelEntry], capacity: dict[str, float]) -> dict[str, dict[str, Any]]:
+        """Whether each model could get a replica now: ready, or a node has its fraction free."""
+        used: dict[str, float] = {}
+        for e in models.values():
+            for node in e.replica_nodes:
+                used[node] = used.get(node, 0.0) + (e.spec.gpu_fraction if e.spec else 0.0)
+        free = max((capacity[n] - used.get(n, 0.0) for n in capacity), default=None)
+        out = {}
+        for name, e in sorted(models.items()):
+            if e.state is ModelState.READY:
+                placeable: bool | None = True
+            elif e.state is ModelState.FAILED or e.spec is None:
+                placeable = False
+            else:
+                placeable = None if free is None else free + 1e-9 >= e.spec.gpu_fraction
+            out[name] = {"state": e.state.value, "placeable": placeable}
+        return out
 
     def model_card(entry: ModelEntry) -> dict[str, Any]:
         s = entry.spec
@@ -465,12 +487,12 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
         except Exception as err:  # noqa: BLE001 - occupancy without capacities is still useful
             logger.warning("status: node capacities unavailable: %s", err)
             capacity = {}
-        used: Counter[str] = Counter()
+        used: dict[str, float] = {}
         rows = []
         for name, entry in sorted(models.items()):
             fraction = entry.spec.gpu_fraction if entry.spec else 0.0
             for node in entry.replica_nodes:
-                used[node] += fraction
+                used[node] = used.get(node, 0.0) + fraction
             rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name)})
         pool = [
             {

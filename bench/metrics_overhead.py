@@ -1,0 +1,77 @@
+"""Issue 6 figures: the gateway's latency with metrics on and off (same run), and the size
+and time of a metrics scrape with 20 models configured.
+
+    .venv/bin/python bench/metrics_overhead.py [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import httpx
+from common import cluster, demo_config, deploy, machine, pct, wait
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def measure(port: int, n: int) -> list[float]:
+    http = httpx.Client(timeout=120)
+    body = {"model": MODEL, "input": "A man is eating a piece of bread.", "encoding_format": "float"}
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    for _ in range(30):
+        http.post(url, json=body).raise_for_status()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        http.post(url, json=body).raise_for_status()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args()
+    rows = []
+    with cluster() as (c, port):
+        for label, metrics in (("on", True), ("off", False), ("on (again)", True)):
+            cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1})
+            cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", MODEL)]
+            cfg["applications"][0]["args"]["metrics"] = metrics
+            deploy(c, cfg, port)
+            lat = measure(port, args.n)
+            rows.append((label, statistics.median(lat), pct(lat, 99)))
+
+        cfg = demo_config(port)
+        template = next(a for a in cfg["applications"] if a["name"] == "tiny-sentiment")
+        cfg["applications"] = [cfg["applications"][0]] + [
+            {**template, "name": f"m{i:02d}", "args": {**template["args"], "gpu_fraction": 0.05}} for i in range(20)
+        ]
+        deploy(c, cfg, port)
+        http = httpx.Client(timeout=120)
+        for i in range(3):
+            http.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": f"m{i:02d}", "input": "x"})
+        wait(lambda: b"ray_zeroserve_model_state" in httpx.get(c.metrics_url, timeout=10).content, 120)
+        time.sleep(5)
+        sizes, times, series = [], [], 0
+        for _ in range(10):
+            t = time.perf_counter()
+            text = httpx.get(c.metrics_url, timeout=30).text
+            times.append((time.perf_counter() - t) * 1000)
+            sizes.append(len(text.encode()))
+            series = sum(1 for ln in text.splitlines() if ln.startswith("ray_zeroserve_"))
+            total = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
+    print(f"machine: {machine()}")
+    print("| gateway metrics | p50 ms | p99 ms |\n| --- | --- | --- |")
+    for label, p50, p99 in rows:
+        print(f"| {label} | {p50:.2f} | {p99:.2f} |")
+    print(
+        f"\nscrape of the head node with 20 models configured (3 woken): {statistics.median(sizes) / 1024:.0f} KiB, "
+        f"p50 {statistics.median(times):.1f} ms, {series} zeroserve series of {total} samples"
+    )
+
+
+if __name__ == "__main__":
+    main()
