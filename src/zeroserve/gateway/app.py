@@ -290,6 +290,18 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
             raise WrongTaskError(name, entry.spec.task, wanted)
         return entry
 
+    async def resolve(
+        request: Request, task: str, wanted: str
+    ) -> tuple[dict[str, Any], PassthroughRequest, ModelEntry]:
+        """Read the body, check its routing fields, and find the model (404, 400, 503 here)."""
+        data = await read_json(request)
+        head = validate(data, PassthroughRequest)
+        return data, head, await lookup(request, head.model, task, wanted)
+
+    def uses_engine_openai(entry: ModelEntry) -> bool:
+        """vLLM models are served by vLLM's own OpenAI layer; the gateway forwards to it."""
+        return entry.spec is not None and entry.spec.engine == "vllm"
+
     def wake_error(entry: ModelEntry, waited: float) -> ModelUnavailableError:
         return ModelUnavailableError(
             f"model '{entry.name}' did not answer within {waited:.0f} s "
@@ -519,10 +531,8 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        data = await read_json(request)
-        head = validate(data, PassthroughRequest)
-        entry = await lookup(request, head.model, "embed", "embeddings")
-        if entry.spec is not None and entry.spec.engine == "vllm":
+        data, head, entry = await resolve(request, "embed", "embeddings")
+        if uses_engine_openai(entry):
             return await passthrough(request, entry, "embeddings", data, streaming=False)
         req = validate(data, EmbeddingRequest)
         texts = req.texts()
@@ -544,10 +554,8 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
         }
 
     async def classify(request: Request) -> Any:
-        data = await read_json(request)
-        head = validate(data, PassthroughRequest)
-        entry = await lookup(request, head.model, "classify", "classification")
-        if entry.spec is not None and entry.spec.engine == "vllm":
+        data, head, entry = await resolve(request, "classify", "classification")
+        if uses_engine_openai(entry):
             return await passthrough(request, entry, "classify", data, streaming=False)
         req = validate(data, ClassifyRequest)
         with admission.slot(entry.name):
@@ -744,10 +752,8 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
         )
 
     async def generation_route(request: Request, chat: bool) -> Response:
-        data = await read_json(request)
-        head = validate(data, PassthroughRequest)
-        entry = await lookup(request, head.model, "generate", "chat completions" if chat else "completions")
-        if entry.spec is not None and entry.spec.engine == "vllm":
+        data, head, entry = await resolve(request, "generate", "chat completions" if chat else "completions")
+        if uses_engine_openai(entry):
             check_caps(head, entry)
             endpoint = "chat/completions" if chat else "completions"
             return await passthrough(request, entry, endpoint, data, streaming=head.stream)
