@@ -165,7 +165,7 @@ class Gateway:
             await asyncio.sleep(max(self.spec.discovery_ttl_s, 2.0))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.spec, self.backend, self.metrics)
+        return create_app(self.spec, self.backend, self.metrics, echo_request_id=False)
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -147,14 +147,27 @@ def _status_json(pool: Pool) -> dict[str, dict[str, object]]:
 
 def test_status_json_shows_cold_starting_and_ready(obs_pool: Pool) -> None:
     pool = obs_pool
-    pool.openai(timeout=120).embeddings.create(model=EMB, input="x")  # EMB ready
     wait_for(lambda: not pool.replicas(GEN), 90, f"{GEN} at zero")
-    # "whole-gpu" asks for the whole logical GPU, which the ready model holds a quarter of:
-    # it stays starting until its request gives up.
-    waiter = threading.Thread(
-        target=lambda: httpx.post(f"{pool.base_url}/v1/classify", json={"model": "whole-gpu", "input": "x"}, timeout=60)
-    )
-    waiter.start()
+    client = pool.openai(timeout=120)
+    client.embeddings.create(model=EMB, input="x")  # EMB ready, holding a quarter of the GPU
+    stop = threading.Event()
+
+    def keep_awake() -> None:
+        while not stop.wait(1.0):
+            client.embeddings.create(model=EMB, input="x")
+
+    # "whole-gpu" asks for the whole logical GPU, a quarter of which EMB holds: it stays
+    # starting until its request gives up.
+    threads = [
+        threading.Thread(target=keep_awake),
+        threading.Thread(
+            target=lambda: httpx.post(
+                f"{pool.base_url}/v1/classify", json={"model": "whole-gpu", "input": "x"}, timeout=60
+            )
+        ),
+    ]
+    for t in threads:
+        t.start()
     try:
         wait_for(
             lambda: _status_json(pool)["whole-gpu"]["state"] == "starting", 20, "whole-gpu starting", interval_s=0.5
@@ -165,4 +178,6 @@ def test_status_json_shows_cold_starting_and_ready(obs_pool: Pool) -> None:
         assert status[GEN]["state"] == "cold" and status[GEN]["replicas"] == 0
         assert status["whole-gpu"]["state"] == "starting"
     finally:
-        waiter.join()
+        stop.set()
+        for t in threads:
+            t.join()

@@ -130,9 +130,10 @@ class _RequestIdMiddleware:
     of a stream through an extra queue.
     """
 
-    def __init__(self, app: Any, observer: Any = None) -> None:
+    def __init__(self, app: Any, observer: Any = None, echo: bool = True) -> None:
         self.app = app
         self.observer = observer or NullObserver()
+        self.echo = echo
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -154,7 +155,8 @@ class _RequestIdMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if self.echo:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -200,13 +202,17 @@ def _pydantic_error(err: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{where}: {msg}" if where else msg, param=param)
 
 
-def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = None) -> FastAPI:
+def create_app(
+    spec: GatewaySpec, backend: Backend, observer: Observer | None = None, echo_request_id: bool = True
+) -> FastAPI:
     """Build the gateway's FastAPI app around a backend.
 
     Args:
         spec: the gateway's limits and timeouts.
         backend: how models are listed and called (Ray Serve handles in production).
         observer: receives every request's figures (Prometheus metrics in production).
+        echo_request_id: return ``X-Request-Id``; off behind Ray Serve's proxy, which
+            already gives every request one (the client's, or a new one) and returns it.
     """
     stats = RollingStats()
     obs: Any = FanOut(stats, observer) if observer is not None else stats
@@ -238,7 +244,7 @@ def create_app(spec: GatewaySpec, backend: Backend, observer: Observer | None = 
             status_code=500,
         )
 
-    app.add_middleware(_RequestIdMiddleware, observer=obs)
+    app.add_middleware(_RequestIdMiddleware, observer=obs, echo=echo_request_id)
 
     # -- helpers -----------------------------------------------------------------
     async def read_json(request: Request) -> dict[str, Any]:
