@@ -15,7 +15,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status observe test test-unit test-integration lint bench gpu-check clean
+.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
@@ -71,7 +71,12 @@ status: venv
 observe:
 	bash scripts/observe.sh
 
-test: models lint
+# Services the tests start themselves (Redis, for the shared quota ledger), from Debian's packages.
+services:
+	@command -v redis-server >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null) \
+	  || { echo "redis-server is needed by the tests: install Debian's redis-server"; exit 1; }
+
+test: models lint services
 	$(BIN)/pytest -q tests
 
 test-unit: venv
@@ -81,7 +86,7 @@ test-integration: models
 	$(BIN)/pytest -q tests/integration
 
 lint: venv
-	$(BIN)/ruff check src deployments tests bench
+	$(BIN)/ruff check src deployments tests bench scripts
 	$(BIN)/mypy
 
 bench: models

@@ -27,6 +27,7 @@ from zeroserve.gateway import ModelEntry, create_app, entries_from_details
 from zeroserve.gateway.backend import Prompt
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
+from zeroserve.quota import open_ledger
 
 __all__ = ["Gateway", "ServeBackend", "build"]
 
@@ -145,8 +146,28 @@ class Gateway:
         self.backend = ServeBackend(self.spec)
         self.metrics = GatewayMetrics() if self.spec.metrics else None
         logger.info("gateway config: %s", self.spec.model_dump())
+        ledger = self.spec.auth.ledger
+        self.ledger = open_ledger(ledger.backend, ledger.path, ledger.url) if self.spec.auth.enabled else None
+        if not self.spec.auth.enabled:
+            await self._warn_if_exposed()
         if self.metrics is not None:
             self._refresher = asyncio.create_task(self._publish_states())
+
+    async def _warn_if_exposed(self) -> None:
+        """API keys off is for a local demo: say so loudly if the proxy listens beyond loopback."""
+        try:
+            client = serve.context._get_global_client()
+            assert client is not None
+            details = await asyncio.to_thread(client.get_serve_details)
+            host = str((details.get("http_options") or {}).get("host", "127.0.0.1"))
+        except Exception:  # noqa: BLE001 - no warning is better than no gateway
+            return
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning(
+                "!!! API keys are OFF and the gateway listens on %s: anyone who can reach this port can use "
+                "every model. Set auth.enabled in the gateway's args (see README, 'API keys and quotas'). !!!",
+                host,
+            )
 
     async def _publish_states(self) -> None:
         """Keep the model-state and replica gauges current even when nobody lists models."""
@@ -165,7 +186,7 @@ class Gateway:
             await asyncio.sleep(max(self.spec.discovery_ttl_s, 2.0))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.spec, self.backend, self.metrics, echo_request_id=False)
+        return create_app(self.spec, self.backend, self.metrics, echo_request_id=False, ledger=self.ledger)
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -7,6 +7,7 @@ to zero, dynamic batching, health checks. The engine does the model work.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,6 +22,7 @@ from zeroserve.engines import Classification, Delta, Embedding, Engine, create_e
 from zeroserve.gateway.telemetry import BusyClock
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
+from zeroserve.quota import SharedMeter
 from zeroserve.streams import coalesce
 
 __all__ = ["ModelServer", "build"]
@@ -55,6 +57,7 @@ class ModelServer:
         self.ready_at = time.time()
         self.metrics = ReplicaMetrics(self.name)
         self.busy = BusyClock(lambda seconds: self.metrics.gpu_seconds(seconds * self.spec.gpu_fraction))
+        self.meter = SharedMeter()
         timings = dict(getattr(self.engine, "timings", {}))
         self.metrics.started(
             {**{k.removesuffix("_s"): v for k, v in timings.items()}, "total": self.ready_at - self.started_at}
@@ -84,10 +87,15 @@ class ModelServer:
         flat = [t for texts in requests for t in texts]
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
         self.busy.enter()
+        token = self.meter.enter()
         try:
             results = await asyncio.to_thread(fn, flat)
         finally:
             self.busy.exit()
+            engine_s = self.meter.exit(token)
+        # The batch's engine time is shared equally among its inputs.
+        each = engine_s * self.spec.gpu_fraction / max(len(flat), 1)
+        results = [dataclasses.replace(r, gpu_s=each) for r in results]
         out, pos = [], 0
         for texts in requests:
             out.append(results[pos : pos + len(texts)])
@@ -98,11 +106,14 @@ class ModelServer:
     async def stream(self, prompt: str | list[dict[str, str]], params: GenerateParams) -> AsyncIterator[Delta]:
         text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
         self.busy.enter()
+        token = self.meter.enter()
         try:
             async for delta in self.engine.stream(text, params):
                 yield delta
         finally:
             self.busy.exit()
+            engine_s = self.meter.exit(token)
+        yield Delta(index=-2, gpu_s=engine_s * self.spec.gpu_fraction)
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """An OpenAI request served by the engine's own OpenAI layer (vLLM).
@@ -111,6 +122,7 @@ class ModelServer:
         hop (replica, gateway, proxy), which under load costs more than the tokens.
         """
         self.busy.enter()
+        token = self.meter.enter()
         try:
             stream = self.engine.openai(endpoint, body)
             first = await anext(stream)
@@ -120,6 +132,8 @@ class ModelServer:
                     yield chunk
         finally:
             self.busy.exit()
+            engine_s = self.meter.exit(token)
+        yield ("meter", engine_s * self.spec.gpu_fraction)
 
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""

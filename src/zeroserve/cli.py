@@ -209,6 +209,59 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
+def _ledger_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from zeroserve.config import GATEWAY_BUILDER, parse_gateway_spec
+    from zeroserve.quota import open_ledger
+
+    tiers: dict[str, Any] = {}
+    backend, path, url = "sqlite", args.ledger_path, args.redis_url
+    if args.config:
+        config = load_serve_config(args.config)
+        gateway = next(a for a in config["applications"] if a.get("import_path") == GATEWAY_BUILDER)
+        auth = parse_gateway_spec(gateway.get("args")).auth
+        tiers = dict(auth.tiers)
+        backend, path, url = auth.ledger.backend, path or auth.ledger.path, url or auth.ledger.url
+    if url:
+        backend = "redis"
+    return open_ledger(backend, path, url), tiers
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from zeroserve.quota import KeyRecord, hash_key, new_key
+
+    ledger, tiers = _ledger_from_args(args)
+    if args.action in ("create", "rotate"):
+        tier, name = args.tier, args.name or ""
+        if args.action == "rotate":
+            old = next((k for k in ledger.list_keys() if k.key_id == args.key_id), None)
+            if old is None:
+                _print(f"no key {args.key_id}")
+                return 1
+            tier, name = old.tier, old.name
+            ledger.revoke(old.key_id)
+        if not tier:
+            _print("--tier is required")
+            return 2
+        if tiers and tier not in tiers:
+            _print(f"tier {tier!r} is not in {args.config} (tiers: {', '.join(tiers)})")
+            return 2
+        key, key_id = new_key()
+        ledger.add_key(hash_key(key), KeyRecord(key_id, name, tier, time.time()))
+        _print(f"key id {key_id} (tier {tier}{', name ' + name if name else ''}); the key, shown once:")
+        _print(key)
+        return 0
+    if args.action == "list":
+        for k in ledger.list_keys():
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created))
+            _print(f"{k.key_id}  {k.tier:10s} {k.name or '-':20s} {created}  {'REVOKED' if k.revoked else 'active'}")
+        return 0
+    if args.action == "revoke":
+        ok = ledger.revoke(args.key_id)
+        _print(f"revoked {args.key_id}" if ok else f"no key {args.key_id}")
+        return 0 if ok else 1
+    return 2
+
+
 def cmd_build_models(args: argparse.Namespace) -> int:
     from zeroserve.demo_models import build_all
 
@@ -334,6 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=2.0)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="create, list, rotate and revoke API keys")
+    p.add_argument("action", choices=["create", "list", "rotate", "revoke"])
+    p.add_argument("key_id", nargs="?", help="for rotate and revoke")
+    p.add_argument("--tier")
+    p.add_argument("--name")
+    p.add_argument("--config", help="a serve config whose gateway args name the ledger and tiers")
+    p.add_argument("--ledger-path", help="SQLite ledger file")
+    p.add_argument("--redis-url", help="Redis ledger, redis://host:port/db")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("build-models", help="build the demo models offline")
     p.add_argument("--out", type=Path, default=Path("models"))

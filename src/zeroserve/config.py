@@ -168,6 +168,43 @@ class ModelSpec(_Strict):
         return self.model.startswith(("/", "./", "../", "~"))
 
 
+class TierSpec(_Strict):
+    """What one tier of API keys may use."""
+
+    daily_gpu_seconds: float = Field(gt=0, description="GPU-seconds per UTC day (engine time x fraction).")
+    requests_per_minute: int = Field(default=60, gt=0)
+    max_concurrent: int = Field(default=4, gt=0)
+    priority: int = Field(default=0, ge=0, le=100, description="Higher is served first under contention.")
+    models: list[str] | None = Field(default=None, description="Models this tier may use (default: all).")
+
+
+class LedgerSpec(_Strict):
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: str = Field(default="~/.zeroserve/ledger.sqlite3", description="SQLite file (one machine).")
+    url: str | None = Field(default=None, description="redis://host:port/db (several nodes).")
+
+    @model_validator(mode="after")
+    def _check(self) -> LedgerSpec:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("ledger.backend redis needs ledger.url")
+        return self
+
+
+class AuthSpec(_Strict):
+    """API keys and quotas. Off by default (a local demo); keys are made with `zeroserve keys`."""
+
+    enabled: bool = False
+    tiers: dict[str, TierSpec] = Field(default_factory=dict)
+    ledger: LedgerSpec = Field(default_factory=LedgerSpec)
+    aging_s: float = Field(default=10.0, gt=0, description="Waiting this long raises a request one priority level.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSpec:
+        if self.enabled and not self.tiers:
+            raise ValueError("auth.enabled needs at least one tier")
+        return self
+
+
 class GatewaySpec(_Strict):
     """The gateway application's args."""
 
@@ -192,6 +229,7 @@ class GatewaySpec(_Strict):
         default=5.0, gt=0, description="SSE comment interval while a streamed request waits for a cold model."
     )
     metrics: bool = Field(default=True, description="Export Prometheus metrics through Ray's pipeline.")
+    auth: AuthSpec = Field(default_factory=AuthSpec)
 
 
 def _format_errors(owner: str, err: ValidationError, args: dict[str, Any]) -> str:

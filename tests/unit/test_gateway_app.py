@@ -50,7 +50,7 @@ class FakeBackend:
         if entry.name == "boom":
             raise RuntimeError("secret internal detail /etc/passwd")
         await self.gate.wait()
-        return [Embedding([0.5, -1.0, float(len(t))], len(t.split())) for t in texts]
+        return [Embedding([0.5, -1.0, float(len(t))], len(t.split()), gpu_s=0.1) for t in texts]
 
     async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]:
         return [Classification("positive", [0.25, 0.75], 2) for _ in texts]

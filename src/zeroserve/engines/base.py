@@ -21,6 +21,7 @@ __all__ = ["Classification", "Delta", "Embedding", "Engine", "GenerationResult",
 class Embedding:
     vector: list[float]
     num_tokens: int
+    gpu_s: float = 0.0  # this input's share of its batch's engine time x GPU fraction
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Classification:
     label: str
     probs: list[float]
     num_tokens: int
+    gpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class Delta:
     """A piece of one choice's output.
 
     The first Delta of a stream has ``index == -1`` and carries only
-    ``prompt_tokens``, so a consumer knows the prompt was accepted before any text.
+    ``prompt_tokens``, so a consumer knows the prompt was accepted before any text. The
+    Serve deployment adds a last one with ``index == -2`` carrying the request's metered
+    ``gpu_s``.
     """
 
     index: int
@@ -43,6 +47,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    gpu_s: float = 0.0
 
 
 @dataclass

@@ -39,6 +39,7 @@ from zeroserve.errors import (
     error_body,
 )
 from zeroserve.gateway.backend import Backend, Prompt
+from zeroserve.gateway.fair import Dispatcher, FairShare, Grant
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.telemetry import FanOut, NullObserver, Observer, RollingStats, WakeTracker
 from zeroserve.protocol import (
@@ -51,6 +52,7 @@ from zeroserve.protocol import (
     new_id,
     now,
 )
+from zeroserve.quota import Ledger
 
 __all__ = ["create_app", "Admission"]
 
@@ -174,15 +176,20 @@ class _RequestIdMiddleware:
             route = _ROUTES.get(scope.get("path", ""), "other")
             model = state.get("model", "_none")
             self.observer.request(model, route, status, seconds)
+            grant = state.get("grant")
+            tier = grant.key.tier if grant is not None and grant.key is not None else "-"
+            gpu_s = state.get("gpu_s")
             logger.info(
-                "[%s] %s %s model=%s -> %d in %.1f ms tokens=%s",
+                "[%s] %s %s model=%s tier=%s -> %d in %.1f ms tokens=%s gpu_s=%s",
                 request_id,
                 scope.get("method"),
                 scope.get("path"),
                 model,
+                tier,
                 status,
                 seconds * 1000,
                 state.get("tokens", "-"),
+                "-" if gpu_s is None else f"{gpu_s:.6f}",
             )
 
 
@@ -203,7 +210,11 @@ def _pydantic_error(err: ValidationError) -> InvalidRequestError:
 
 
 def create_app(
-    spec: GatewaySpec, backend: Backend, observer: Observer | None = None, echo_request_id: bool = True
+    spec: GatewaySpec,
+    backend: Backend,
+    observer: Observer | None = None,
+    echo_request_id: bool = True,
+    ledger: Ledger | None = None,
 ) -> FastAPI:
     """Build the gateway's FastAPI app around a backend.
 
@@ -213,7 +224,12 @@ def create_app(
         observer: receives every request's figures (Prometheus metrics in production).
         echo_request_id: return ``X-Request-Id``; off behind Ray Serve's proxy, which
             already gives every request one (the client's, or a new one) and returns it.
+        ledger: API keys and charges (needed when ``spec.auth.enabled``).
     """
+    if spec.auth.enabled and ledger is None:
+        raise ValueError("auth is enabled but no ledger was given")
+    fair = FairShare(spec.auth, ledger)
+    dispatcher = Dispatcher(spec.auth.aging_s)
     stats = RollingStats()
     obs: Any = FanOut(stats, observer) if observer is not None else stats
     wakes = WakeTracker()
@@ -299,10 +315,51 @@ def create_app(
     async def resolve(
         request: Request, task: str, wanted: str
     ) -> tuple[dict[str, Any], PassthroughRequest, ModelEntry]:
-        """Read the body, check its routing fields, and find the model (404, 400, 503 here)."""
+        """Authenticate, read the body, check its routing fields, find the model (401, 400, 404, 403)."""
+        request.state.grant = await fair.authenticate(request.headers.get("authorization"))
         data = await read_json(request)
         head = validate(data, PassthroughRequest)
         return data, head, await lookup(request, head.model, task, wanted)
+
+    async def enter(request: Request, entry: ModelEntry, max_tokens: int | None) -> Grant:
+        """Limits, load shedding, then a turn by priority once the model's capacity is in use."""
+        assert entry.spec is not None
+        grant: Grant = request.state.grant
+        await fair.check(grant, entry.name, max_tokens)
+        try:
+            admission.acquire(entry.name)
+        except BaseException:
+            fair.release(grant)
+            raise
+        capacity = entry.spec.max_ongoing_requests * max(1, entry.replicas, entry.target_replicas)
+        grant.extra["capacity"] = capacity
+        try:
+            await asyncio.wait_for(
+                dispatcher.acquire(entry.name, capacity, grant.priority, grant.predicted_s), spec.request_timeout_s
+            )
+        except BaseException as err:
+            admission.release(entry.name)
+            fair.release(grant)
+            if isinstance(err, TimeoutError):
+                raise OverloadedError(
+                    f"model '{entry.name}' is saturated; retry later",
+                    code="overloaded",
+                    retry_after_s=spec.retry_after_s,
+                ) from None
+            raise
+        return grant
+
+    def leave(entry: ModelEntry, grant: Grant) -> None:
+        dispatcher.release(entry.name, grant.extra.get("capacity", 1))
+        admission.release(entry.name)
+        fair.release(grant)
+
+    async def settle(request: Request, entry: ModelEntry, grant: Grant, gpu_s: float, completion: int = 0) -> None:
+        request.state.gpu_s = gpu_s
+        try:
+            await fair.charge(grant, entry.name, gpu_s, request.state.request_id, completion)
+        except Exception:  # noqa: BLE001 - the answer is out; the ledger must not turn it into an error
+            logger.exception("[%s] could not record a charge of %.6f GPU-s", request.state.request_id, gpu_s)
 
     def uses_engine_openai(entry: ModelEntry) -> bool:
         """vLLM models are served by vLLM's own OpenAI layer; the gateway forwards to it."""
@@ -359,8 +416,13 @@ def create_app(
             seed=req.seed,
         )
 
-    def sse_headers() -> dict[str, str]:
-        return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    def sse_headers(grant: Grant) -> dict[str, str]:
+        # The charge is known only at the end of a stream: the headers carry what was left before it.
+        return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **grant.headers(None)}
+
+    def head_max_tokens(body: dict[str, Any]) -> int | None:
+        value = body.get("max_completion_tokens") or body.get("max_tokens")
+        return value if isinstance(value, int) else None
 
     def waking_comment(entry: ModelEntry) -> str:
         return f": waiting for model '{entry.name}' to wake\n\n"
@@ -377,7 +439,7 @@ def create_app(
             options = dict(body.get("stream_options") or {})
             wants_usage = bool(options.get("include_usage"))
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        admission.acquire(entry.name)
+        grant = await enter(request, entry, head_max_tokens(body))
         stream = backend.openai(entry, endpoint, body)
 
         async def accepted() -> tuple[str, Any]:
@@ -390,18 +452,22 @@ def create_app(
         if not waking:
             try:
                 kind, payload = await accepted()
+                if kind == "json":
+                    meter = await anext(stream, ("meter", 0.0))
             except BaseException:
-                admission.release(entry.name)
+                leave(entry, grant)
                 raise
             if kind == "json":
-                admission.release(entry.name)
+                leave(entry, grant)
                 usage = payload.get("usage") or {}
                 record_tokens(request, entry, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                return JSONResponse(payload)
+                await settle(request, entry, grant, float(meter[1]), usage.get("completion_tokens", 0))
+                return JSONResponse(payload, headers=grant.headers(float(meter[1])))
 
         async def events() -> AsyncIterator[str]:
             first_at: float | None = None
             usage: dict[str, int] = {}
+            gpu_s = 0.0
             try:
                 if waking:
                     async for item in _keepalive(accepted(), spec.keepalive_s, waking_comment(entry)):
@@ -415,6 +481,9 @@ def create_app(
                             item = await anext(stream)
                         except StopAsyncIteration:
                             break
+                    if isinstance(item, tuple):  # the replica's meter reading, last
+                        gpu_s = float(item[1])
+                        continue
                     if first_at is None:
                         first_at = time.perf_counter()
                         obs.first_token(entry.name, first_at - started)
@@ -422,6 +491,7 @@ def create_app(
                         item, usage = _take_usage(item, keep=wants_usage)
                     if item:
                         yield item
+                await settle(request, entry, grant, gpu_s, usage.get("completion_tokens", 0))
                 if usage:
                     record_tokens(request, entry, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                     if first_at is not None and usage.get("completion_tokens", 0) > 1:
@@ -431,9 +501,9 @@ def create_app(
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
             finally:
-                admission.release(entry.name)
+                leave(entry, grant)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers())
+        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers(grant))
 
     def record_tokens(request: Request, entry: ModelEntry, prompt: int, completion: int) -> None:
         request.state.tokens = f"{prompt}+{completion}"
@@ -523,6 +593,14 @@ def create_app(
         ]
         return {"models": rows, "pool": pool, "time": time.time()}
 
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> dict[str, Any]:
+        """The calling key's GPU-seconds today by model, what is left, and when it resets."""
+        if not fair.enabled:
+            raise StarletteHTTPException(404, "usage is kept per API key, and API keys are off on this gateway")
+        grant = await fair.authenticate(request.headers.get("authorization"))
+        return await fair.usage(grant)
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         models = await backend.models(refresh=True)
@@ -542,8 +620,11 @@ def create_app(
             return await passthrough(request, entry, "embeddings", data, streaming=False)
         req = validate(data, EmbeddingRequest)
         texts = req.texts()
-        with admission.slot(entry.name):
+        grant = await enter(request, entry, None)
+        try:
             result = await bounded(entry, backend.embed(entry, texts, req.dimensions))
+        finally:
+            leave(entry, grant)
         items = []
         for i, emb in enumerate(result):
             vector: Any = emb.vector
@@ -552,23 +633,31 @@ def create_app(
             items.append({"object": "embedding", "index": i, "embedding": vector})
         tokens = sum(e.num_tokens for e in result)
         record_tokens(request, entry, tokens, 0)
-        return {
+        gpu_s = sum(e.gpu_s for e in result)
+        await settle(request, entry, grant, gpu_s)
+        body = {
             "object": "list",
             "data": items,
             "model": entry.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        return JSONResponse(body, headers=grant.headers(gpu_s))
 
     async def classify(request: Request) -> Any:
         data, head, entry = await resolve(request, "classify", "classification")
         if uses_engine_openai(entry):
             return await passthrough(request, entry, "classify", data, streaming=False)
         req = validate(data, ClassifyRequest)
-        with admission.slot(entry.name):
+        grant = await enter(request, entry, None)
+        try:
             result = await bounded(entry, backend.classify(entry, req.texts()))
+        finally:
+            leave(entry, grant)
         tokens = sum(c.num_tokens for c in result)
         record_tokens(request, entry, tokens, 0)
-        return {
+        gpu_s = sum(c.gpu_s for c in result)
+        await settle(request, entry, grant, gpu_s)
+        body = {
             "id": new_id("classify"),
             "object": "list",
             "created": now(),
@@ -579,6 +668,7 @@ def create_app(
             ],
             "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
         }
+        return JSONResponse(body, headers=grant.headers(gpu_s))
 
     app.add_api_route("/v1/classify", classify, methods=["POST"])
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
@@ -608,7 +698,7 @@ def create_app(
         created = now()
         obj = "chat.completion" if chat else "text_completion"
         n = params.n
-        admission.acquire(entry.name)
+        grant = await enter(request, entry, params.max_tokens)
         streams = [backend.stream(entry, p, params) for p in prompts]
         waking = req.stream and entry.state is not ModelState.READY
         firsts: list[Delta] = []
@@ -616,7 +706,7 @@ def create_app(
             try:
                 firsts = list(await asyncio.gather(*(first_delta(entry, s) for s in streams)))
             except BaseException:
-                admission.release(entry.name)
+                leave(entry, grant)
                 raise
         started: float = request.state.start
 
@@ -632,11 +722,12 @@ def create_app(
                     retry_after_s=spec.retry_after_s,
                 ) from None
             finally:
-                admission.release(entry.name)
+                leave(entry, grant)
             prompt_tokens = sum(d.prompt_tokens for d in firsts)
             choices = []
             completion_tokens = 0
-            for p_idx, (texts, reasons, counts) in enumerate(outputs):
+            gpu_s = sum(o[3] for o in outputs)
+            for p_idx, (texts, reasons, counts, _) in enumerate(outputs):
                 for i in range(n):
                     index = p_idx * n + i
                     completion_tokens += counts[i]
@@ -659,6 +750,7 @@ def create_app(
                             }
                         )
             record_tokens(request, entry, prompt_tokens, completion_tokens)
+            await settle(request, entry, grant, gpu_s, completion_tokens)
             return JSONResponse(
                 {
                     "id": ident,
@@ -671,7 +763,8 @@ def create_app(
                         "completion_tokens": completion_tokens,
                         "total_tokens": prompt_tokens + completion_tokens,
                     },
-                }
+                },
+                headers=grant.headers(gpu_s),
             )
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -701,6 +794,7 @@ def create_app(
         async def events() -> AsyncIterator[str]:
             completion_tokens: Counter[int] = Counter()
             first_at: float | None = None
+            gpu_s = 0.0
             nonlocal firsts
             try:
                 if waking:
@@ -723,6 +817,9 @@ def create_app(
                             p_idx, delta = await anext(merged)
                         except StopAsyncIteration:
                             break
+                    if delta.index == -2:  # the replica's meter reading, last
+                        gpu_s += delta.gpu_s
+                        continue
                     index = p_idx * n + delta.index
                     completion_tokens[index] = max(completion_tokens[index], delta.completion_tokens)
                     if delta.text or delta.finish_reason:
@@ -743,19 +840,16 @@ def create_app(
                 yield "data: [DONE]\n\n"
                 total = sum(completion_tokens.values())
                 record_tokens(request, entry, prompt_tokens, total)
+                await settle(request, entry, grant, gpu_s, total)
                 if first_at is not None and total > 1:
                     obs.per_output_token(entry.name, (time.perf_counter() - first_at) / (total - 1))
             except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
             finally:
-                admission.release(entry.name)
+                leave(entry, grant)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers(grant))
 
     async def generation_route(request: Request, chat: bool) -> Response:
         data, head, entry = await resolve(request, "generate", "chat completions" if chat else "completions")
@@ -829,18 +923,20 @@ def _stream_error(err: Exception, request_id: str) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _drain(stream: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], list[int]]:
+async def _drain(stream: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], list[int], float]:
     texts = [""] * n
     reasons = ["length"] * n
     counts = [0] * n
+    gpu_s = 0.0
     async for d in stream:
         if d.index < 0:
+            gpu_s += d.gpu_s
             continue
         texts[d.index] += d.text
         counts[d.index] = max(counts[d.index], d.completion_tokens)
         if d.finish_reason:
             reasons[d.index] = d.finish_reason
-    return texts, reasons, counts
+    return texts, reasons, counts, gpu_s
 
 
 async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:

@@ -1,0 +1,144 @@
+"""Issue 5 figures, one run: the latency auth + metering add at the gateway (on vs off),
+ledger throughput (charges/s from concurrent gateway requests) on SQLite and on Redis,
+and metered GPU-seconds against the replica's measured engine time.
+
+    .venv/bin/python bench/quota_overhead.py [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from common import cluster, demo_config, deploy, machine, pct, wait
+
+from zeroserve.cluster import free_port
+from zeroserve.quota import KeyRecord, hash_key, new_key, open_ledger
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def gateway_config(port: int, ledger: dict | None) -> dict:
+    cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1})
+    cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", MODEL)]
+    if ledger is not None:
+        cfg["applications"][0]["args"]["auth"] = {
+            "enabled": True,
+            "ledger": ledger,
+            "tiers": {"bench": {"daily_gpu_seconds": 1e9, "requests_per_minute": 10**6, "max_concurrent": 1000}},
+        }
+    return cfg
+
+
+def sequential(port: int, key: str | None, n: int) -> list[float]:
+    http = httpx.Client(timeout=120, headers={"authorization": f"Bearer {key}"} if key else {})
+    body = {"model": MODEL, "input": "A man is eating a piece of bread.", "encoding_format": "float"}
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    # Until the redeployed gateway answers (the previous one serves meanwhile, with its own ledger).
+    def swapped() -> bool:
+        r = http.post(url, json=body)
+        return r.status_code == 200 and (key is None) == ("x-zeroserve-quota-remaining" not in r.headers)
+
+    wait(swapped, 120)
+    for _ in range(30):
+        http.post(url, json=body).raise_for_status()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        http.post(url, json=body).raise_for_status()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def concurrent_charges(port: int, key: str, total: int) -> tuple[float, float]:
+    """Charges per second from 16 concurrent clients, and the sum of the charged GPU-seconds."""
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    body = {"model": MODEL, "input": "hello", "encoding_format": "float"}
+
+    def one(_: int) -> float:
+        r = httpx.post(url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=120)
+        r.raise_for_status()
+        return float(r.headers["x-zeroserve-gpu-seconds"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as ex:
+        charged = list(ex.map(one, range(total)))
+    return total / (time.perf_counter() - start), sum(charged)
+
+
+def metric(metrics_url: str, name: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith(name + "{") and f'model="{MODEL}"' in ln
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    latency, throughput = {}, {}
+    try:
+        with cluster() as (c, port):
+            for label, ledger in (
+                ("off", None),
+                ("on, SQLite", {"backend": "sqlite", "path": str(tmp / "l.db")}),
+                ("on, Redis", {"backend": "redis", "url": redis_url}),
+            ):
+                key = None
+                if ledger is not None:
+                    store = open_ledger(ledger["backend"], ledger.get("path"), ledger.get("url"))
+                    key, key_id = new_key()
+                    store.add_key(hash_key(key), KeyRecord(key_id, "", "bench", time.time()))
+                deploy(c, gateway_config(port, ledger), port)
+                latency[label] = sequential(port, key, args.n)
+                if key is not None:
+                    wait(lambda: metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total") >= 0, 30)
+                    time.sleep(3)
+                    before = metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total")
+                    rate, charged = concurrent_charges(port, key, 400)
+                    time.sleep(4)  # one metrics export interval and more
+                    busy = metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total") - before
+                    throughput[label] = (rate, charged, busy)
+    finally:
+        redis.terminate()
+    print(f"machine: {machine()}")
+    print("| auth + metering | p50 ms | p99 ms |\n| --- | --- | --- |")
+    for label, values in latency.items():
+        print(f"| {label} | {statistics.median(values):.2f} | {pct(values, 99):.2f} |")
+    print("\n| ledger | charges/s (16 concurrent clients) | charged GPU-s | replica busy GPU-s | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, (rate, charged, busy) in throughput.items():
+        print(f"| {label} | {rate:.0f} | {charged:.4f} | {busy:.4f} | {charged / busy if busy else float('nan'):.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

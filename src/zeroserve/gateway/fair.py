@@ -1,0 +1,241 @@
+"""The gateway's fair-sharing layer: who may call, how much is left, who goes first.
+
+- :class:`FairShare` authenticates API keys, applies each tier's rate, concurrency and
+  model limits, refuses a request whose predicted cost exceeds what is left of the daily
+  GPU-second budget (up front, with the reset time), and records each request's metered
+  charge in the ledger once.
+- :class:`Dispatcher` holds each model's requests beyond its capacity and releases them by
+  priority (tier first, then shorter predicted work), with aging so low tiers never starve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroserve.config import AuthSpec
+from zeroserve.errors import ZeroserveError
+from zeroserve.quota import KeyRecord, Ledger, RateLimiter, day_of, hash_key, next_reset, parse_bearer, priority_order
+
+__all__ = ["AuthError", "Dispatcher", "FairShare", "Grant", "ForbiddenError", "QuotaError"]
+
+
+class AuthError(ZeroserveError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ForbiddenError(ZeroserveError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class QuotaError(ZeroserveError):
+    """Over a quota, rate or concurrency limit: 429 with Retry-After."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+@dataclass
+class Grant:
+    """What the gateway knows of one admitted request's caller."""
+
+    key: KeyRecord | None = None
+    priority: int = 0
+    predicted_s: float = 0.0
+    budget: float | None = None
+    used_before: float = 0.0
+    reset: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def headers(self, charged: float | None) -> dict[str, str]:
+        if self.key is None or self.budget is None:
+            return {} if charged is None else {"x-zeroserve-gpu-seconds": f"{charged:.6f}"}
+        spent = self.used_before + (charged or 0.0)
+        out = {
+            "x-zeroserve-quota-remaining": f"{max(self.budget - spent, 0.0):.6f}",
+            "x-zeroserve-quota-reset": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.reset)),
+        }
+        if charged is not None:
+            out["x-zeroserve-gpu-seconds"] = f"{charged:.6f}"
+        return out
+
+
+class FairShare:
+    """Keys, limits, budgets and the ledger.
+
+    Args:
+        auth: the gateway's auth config.
+        ledger: where keys and charges live (None when auth is off).
+        clock: wall-clock seconds (injectable for tests).
+    """
+
+    def __init__(self, auth: AuthSpec, ledger: Ledger | None, clock: Callable[[], float] = time.time) -> None:
+        self.auth = auth
+        self.ledger = ledger
+        self.clock = clock
+        self.rate = RateLimiter(time.monotonic)
+        self.concurrent: Counter[str] = Counter()
+        self.per_token_s: dict[str, float] = {}  # measured GPU-seconds per output token, by model
+
+    @property
+    def enabled(self) -> bool:
+        return self.auth.enabled
+
+    async def _key(self, key: str) -> KeyRecord | None:
+        assert self.ledger is not None
+        # Looked up every time (a revoked key stops at once); the ledger call is a primary-key read.
+        return await asyncio.to_thread(self.ledger.find_key, hash_key(key))
+
+    async def authenticate(self, authorization: str | None) -> Grant:
+        """Who is calling (before anything else, even the model lookup).
+
+        Raises:
+            AuthError: no, malformed, unknown or revoked key (401).
+        """
+        if not self.enabled:
+            return Grant()
+        key = parse_bearer(authorization)
+        if key is None:
+            raise AuthError("a valid API key is required: Authorization: Bearer zs-...", code="invalid_api_key")
+        # Looked up every time, so a revoked key stops at once: one primary-key read.
+        assert self.ledger is not None
+        record = await asyncio.to_thread(self.ledger.find_key, hash_key(key))
+        if record is None or record.revoked:
+            raise AuthError("the API key is unknown or revoked", code="invalid_api_key")
+        tier = self.auth.tiers.get(record.tier)
+        if tier is None:
+            raise ForbiddenError(f"the key's tier {record.tier!r} is not configured", code="unknown_tier")
+        return Grant(key=record, priority=tier.priority, budget=tier.daily_gpu_seconds, reset=next_reset(self.clock()))
+
+    async def check(self, grant: Grant, model: str, max_tokens: int | None) -> None:
+        """Apply the tier's model, rate, concurrency and budget limits; count the request.
+
+        Raises:
+            ForbiddenError: the tier may not use ``model`` (403).
+            QuotaError: over the rate, concurrency or daily budget (429 with Retry-After).
+        """
+        if grant.key is None:
+            return
+        record = grant.key
+        tier = self.auth.tiers[record.tier]
+        if tier.models is not None and model not in tier.models:
+            raise ForbiddenError(
+                f"tier {record.tier!r} may not use model '{model}'", param="model", code="model_not_allowed"
+            )
+        wait = self.rate.check(record.key_id, tier.requests_per_minute)
+        if wait > 0:
+            raise QuotaError(
+                f"over {tier.requests_per_minute} requests per minute", code="rate_limit_exceeded", retry_after_s=wait
+            )
+        if self.concurrent[record.key_id] >= tier.max_concurrent:
+            raise QuotaError(
+                f"over {tier.max_concurrent} concurrent requests", code="concurrency_limit_exceeded", retry_after_s=1
+            )
+        assert self.ledger is not None
+        now = self.clock()
+        used = sum((await asyncio.to_thread(self.ledger.usage, record.key_id, day_of(now))).values())
+        grant.used_before = used
+        remaining = tier.daily_gpu_seconds - used
+        grant.predicted_s = (max_tokens or 0) * self.per_token_s.get(model, 0.0)
+        if remaining <= 0 or grant.predicted_s > remaining:
+            why = (
+                f"the daily budget of {tier.daily_gpu_seconds:g} GPU-seconds is used up"
+                if remaining <= 0
+                else f"this request would cost about {grant.predicted_s:.3f} GPU-seconds and "
+                f"{remaining:.3f} are left today"
+            )
+            reset_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(grant.reset))
+            raise QuotaError(
+                f"{why}; the quota resets at {reset_at}", code="quota_exceeded", retry_after_s=grant.reset - now
+            )
+        self.concurrent[record.key_id] += 1
+        grant.extra["counted"] = True
+
+    def release(self, grant: Grant) -> None:
+        if grant.key is not None and grant.extra.pop("counted", False):
+            self.concurrent[grant.key.key_id] -= 1
+
+    async def charge(self, grant: Grant, model: str, gpu_s: float, request_id: str, completion_tokens: int = 0) -> None:
+        """Record a request's metered GPU-seconds once, and learn the model's cost per token."""
+        if completion_tokens > 0 and gpu_s > 0:
+            per_token = gpu_s / completion_tokens
+            old = self.per_token_s.get(model)
+            self.per_token_s[model] = per_token if old is None else 0.8 * old + 0.2 * per_token
+        if grant.key is None or self.ledger is None:
+            return
+        await asyncio.to_thread(self.ledger.charge, grant.key.key_id, day_of(self.clock()), model, gpu_s, request_id)
+
+    async def usage(self, grant: Grant) -> dict[str, Any]:
+        assert grant.key is not None and self.ledger is not None and grant.budget is not None
+        now = self.clock()
+        by_model = await asyncio.to_thread(self.ledger.usage, grant.key.key_id, day_of(now))
+        used = sum(by_model.values())
+        return {
+            "object": "usage",
+            "key_id": grant.key.key_id,
+            "tier": grant.key.tier,
+            "day": day_of(now),
+            "gpu_seconds_by_model": by_model,
+            "gpu_seconds_used": used,
+            "gpu_seconds_budget": grant.budget,
+            "gpu_seconds_remaining": max(grant.budget - used, 0.0),
+            "resets_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(grant.reset)),
+        }
+
+
+@dataclass
+class _Waiter:
+    priority: int
+    predicted_s: float
+    arrival: float
+    future: asyncio.Future[None]
+
+
+class Dispatcher:
+    """Per-model admission by priority once a model's capacity is in use.
+
+    Args:
+        aging_s: waiting this long raises a request by one priority level.
+    """
+
+    def __init__(self, aging_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.aging_s = aging_s
+        self.clock = clock
+        self.running: Counter[str] = Counter()
+        self.waiting: dict[str, list[_Waiter]] = {}
+
+    async def acquire(self, model: str, capacity: int, priority: int, predicted_s: float) -> None:
+        queue = self.waiting.setdefault(model, [])
+        if self.running[model] < capacity and not queue:
+            self.running[model] += 1
+            return
+        waiter = _Waiter(priority, predicted_s, self.clock(), asyncio.get_running_loop().create_future())
+        queue.append(waiter)
+        try:
+            await waiter.future
+        except BaseException:
+            if waiter in queue:
+                queue.remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled():
+                self.release(model, capacity)  # granted just as it was cancelled: hand it on
+            raise
+
+    def release(self, model: str, capacity: int) -> None:
+        self.running[model] -= 1
+        queue = self.waiting.get(model, [])
+        while queue and self.running[model] < capacity:
+            now = self.clock()
+            best = min(queue, key=lambda w: priority_order(w.priority, w.predicted_s, w.arrival, now, self.aging_s))
+            queue.remove(best)
+            if not best.future.done():
+                self.running[model] += 1
+                best.future.set_result(None)
