@@ -53,7 +53,14 @@ def summary(name: str, values_ms: list[float]) -> str:
 def cluster() -> Iterator[tuple[LocalCluster, int]]:
     run_dir = ROOT / ".run-bench"
     c = start_local(
-        run_dir, num_gpus=1, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1", "ZEROSERVE_LOG_LEVEL": "WARNING"}
+        run_dir,
+        num_gpus=1,
+        env={
+            "ZEROSERVE_HOME": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "ZEROSERVE_LOG_LEVEL": "WARNING",
+            "RAY_metrics_report_interval_ms": "1000",  # metrics read by the benchmarks are current
+        },
     )
     try:
         yield c, free_port()
