@@ -42,6 +42,7 @@ def sequential(port: int, key: str | None, n: int) -> list[float]:
     http = httpx.Client(timeout=120, headers={"authorization": f"Bearer {key}"} if key else {})
     body = {"model": MODEL, "input": "A man is eating a piece of bread.", "encoding_format": "float"}
     url = f"http://127.0.0.1:{port}/v1/embeddings"
+
     # Until the redeployed gateway answers (the previous one serves meanwhile, with its own ledger).
     def swapped() -> bool:
         r = http.post(url, json=body)

@@ -18,6 +18,9 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "EngineError",
+    "AuthError",
+    "ForbiddenError",
+    "QuotaError",
     "error_body",
 ]
 
@@ -117,6 +120,30 @@ class OverloadedError(ZeroserveError):
 
     status_code = 503
     error_type = "server_overloaded"
+
+
+class AuthError(ZeroserveError):
+    """No, malformed, unknown or revoked API key (401)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ForbiddenError(ZeroserveError):
+    """The key's tier may not do this (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
+class QuotaError(ZeroserveError):
+    """Over a quota, rate or concurrency limit: 429 with Retry-After."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
 
 
 class EngineError(ZeroserveError):

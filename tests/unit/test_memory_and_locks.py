@@ -77,14 +77,15 @@ def test_start_lock_serializes_and_survives_a_killed_holder(tmp_path: Path) -> N
             sys.executable,
             "-c",
             textwrap.dedent("""
-        import time
+        import sys
         from zeroserve.locks import gpu_start_lock
         with gpu_start_lock("GPU-abc"):
             print("held", flush=True)
-            time.sleep(60)
+            sys.stdin.readline()  # held until the test kills this process
     """),
         ],
         env=env,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

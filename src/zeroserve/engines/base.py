@@ -56,6 +56,7 @@ class GenerationResult:
     finish_reasons: list[str]
     prompt_tokens: int
     completion_tokens: list[int] = field(default_factory=list)
+    gpu_s: float = 0.0
 
 
 class Engine(abc.ABC):
@@ -105,12 +106,15 @@ async def collect(deltas: AsyncIterator[Delta], n: int) -> GenerationResult:
     reasons = ["length"] * n
     completion = [0] * n
     prompt_tokens = 0
+    gpu_s = 0.0
     async for d in deltas:
-        if d.index < 0:
+        if d.index == -1:
             prompt_tokens = d.prompt_tokens
+        if d.index < 0:
+            gpu_s += d.gpu_s
             continue
         texts[d.index] += d.text
         completion[d.index] = max(completion[d.index], d.completion_tokens)
         if d.finish_reason is not None:
             reasons[d.index] = d.finish_reason
-    return GenerationResult(texts, reasons, prompt_tokens, completion)
+    return GenerationResult(texts, reasons, prompt_tokens, completion, gpu_s)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zeroserve.config import GatewaySpec
-from zeroserve.engines.base import Delta
+from zeroserve.engines.base import Delta, collect
 from zeroserve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -713,7 +713,7 @@ def create_app(
         if not req.stream:
             try:
                 outputs = await asyncio.wait_for(
-                    asyncio.gather(*(_drain(s, n) for s in streams)), spec.request_timeout_s
+                    asyncio.gather(*(collect(s, n) for s in streams)), spec.request_timeout_s
                 )
             except TimeoutError:
                 raise ModelUnavailableError(
@@ -726,8 +726,9 @@ def create_app(
             prompt_tokens = sum(d.prompt_tokens for d in firsts)
             choices = []
             completion_tokens = 0
-            gpu_s = sum(o[3] for o in outputs)
-            for p_idx, (texts, reasons, counts, _) in enumerate(outputs):
+            gpu_s = sum(o.gpu_s for o in outputs)
+            for p_idx, out in enumerate(outputs):
+                texts, reasons, counts = out.texts, out.finish_reasons, out.completion_tokens
                 for i in range(n):
                     index = p_idx * n + i
                     completion_tokens += counts[i]
@@ -921,22 +922,6 @@ def _stream_error(err: Exception, request_id: str) -> str:
         logger.exception("[%s] stream failed", request_id, exc_info=err)
         body = error_body("the model failed while streaming", "internal_error")
     return f"data: {json.dumps(body)}\n\n"
-
-
-async def _drain(stream: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], list[int], float]:
-    texts = [""] * n
-    reasons = ["length"] * n
-    counts = [0] * n
-    gpu_s = 0.0
-    async for d in stream:
-        if d.index < 0:
-            gpu_s += d.gpu_s
-            continue
-        texts[d.index] += d.text
-        counts[d.index] = max(counts[d.index], d.completion_tokens)
-        if d.finish_reason:
-            reasons[d.index] = d.finish_reason
-    return texts, reasons, counts, gpu_s
 
 
 async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:

@@ -18,30 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroserve.config import AuthSpec
-from zeroserve.errors import ZeroserveError
+from zeroserve.errors import AuthError, ForbiddenError, QuotaError
 from zeroserve.quota import KeyRecord, Ledger, RateLimiter, day_of, hash_key, next_reset, parse_bearer, priority_order
 
 __all__ = ["AuthError", "Dispatcher", "FairShare", "Grant", "ForbiddenError", "QuotaError"]
-
-
-class AuthError(ZeroserveError):
-    status_code = 401
-    error_type = "invalid_request_error"
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
-
-
-class ForbiddenError(ZeroserveError):
-    status_code = 403
-    error_type = "permission_error"
-
-
-class QuotaError(ZeroserveError):
-    """Over a quota, rate or concurrency limit: 429 with Retry-After."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
 
 
 @dataclass
