@@ -72,8 +72,10 @@ class ServeBackend:
         self._handles: dict[str, DeploymentHandle] = {}
 
     async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
-        fresh = time.monotonic() - self._fetched_at < self.spec.discovery_ttl_s
-        if self._entries is not None and fresh and not refresh:
+        age = time.monotonic() - self._fetched_at
+        # A refresh is asked for on unknown names too: at most one controller call a second,
+        # so a flood of made-up model names cannot keep the controller busy.
+        if self._entries is not None and (age < self.spec.discovery_ttl_s and not refresh or age < 1.0):
             return self._entries
         async with self._lock:
             started = time.monotonic()

@@ -91,8 +91,8 @@ class ModelServer:
         try:
             results = await asyncio.to_thread(fn, flat)
         finally:
+            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
             self.busy.exit()
-            engine_s = self.meter.exit(token)
         # The batch's engine time is shared equally among its inputs.
         each = engine_s * self.spec.gpu_fraction / max(len(flat), 1)
         results = [dataclasses.replace(r, gpu_s=each) for r in results]
@@ -111,8 +111,8 @@ class ModelServer:
             async for delta in self.engine.stream(text, params):
                 yield delta
         finally:
+            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
             self.busy.exit()
-            engine_s = self.meter.exit(token)
         yield Delta(index=-2, gpu_s=engine_s * self.spec.gpu_fraction)
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -131,8 +131,8 @@ class ModelServer:
                 async for chunk in coalesce(stream):
                     yield chunk
         finally:
+            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
             self.busy.exit()
-            engine_s = self.meter.exit(token)
         yield ("meter", engine_s * self.spec.gpu_fraction)
 
     def stats(self) -> dict[str, Any]:

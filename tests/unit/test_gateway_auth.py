@@ -89,3 +89,14 @@ async def test_tier_models_quota_headers_and_usage(setup: tuple[httpx.AsyncClien
     assert usage["gpu_seconds_used"] == pytest.approx(sum(charges))
     assert usage["gpu_seconds_by_model"] == {"emb": pytest.approx(sum(charges))}
     assert usage["tier"] == "free" and usage["gpu_seconds_remaining"] == 0
+
+
+async def test_a_repeated_request_id_is_still_charged_each_time(setup: tuple[httpx.AsyncClient, str, str]) -> None:
+    client, _, pro = setup
+    auth = {"authorization": f"Bearer {pro}", "x-request-id": "same-id"}
+    for _ in range(3):
+        assert (
+            await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})
+        ).status_code == 200
+    usage = (await client.get("/v1/usage", headers={"authorization": f"Bearer {pro}"})).json()
+    assert usage["gpu_seconds_used"] == pytest.approx(0.3)

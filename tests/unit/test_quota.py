@@ -178,3 +178,10 @@ async def test_a_cancelled_waiter_does_not_leak_capacity() -> None:
     disp.release("m", 1)
     assert disp.running["m"] == 0
     await asyncio.wait_for(disp.acquire("m", 1, 0, 0), 1)
+
+
+async def test_simultaneous_requests_see_each_other_in_the_concurrency_limit(tmp_path: Path) -> None:
+    fair, key, _ = _fair(tmp_path, max_concurrent=1)
+    grants = [await fair.authenticate(f"Bearer {key}") for _ in range(2)]
+    results = await asyncio.gather(*(fair.check(g, "m", None) for g in grants), return_exceptions=True)
+    assert sum(isinstance(r, QuotaError) for r in results) == 1

@@ -207,7 +207,12 @@ class TransformersEngine(Engine):
                 f"model '{self.spec.model}' has no chat template; use /v1/completions",
                 param="messages",
             )
-        return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        try:
+            return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        except Exception as err:  # noqa: BLE001 - jinja raises on messages a template refuses
+            raise InvalidRequestError(
+                f"the model's chat template refused these messages: {err}", param="messages"
+            ) from None
 
     def _budget(self, prompt_tokens: int, params: GenerateParams) -> int:
         room = self.max_len - prompt_tokens

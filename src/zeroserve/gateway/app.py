@@ -124,6 +124,26 @@ _ROUTES = {
 }
 
 
+class _GuardedStream(StreamingResponse):
+    """A StreamingResponse that runs ``on_close`` however the response ends.
+
+    Starlette may cancel a response whose client went away before its body iterator ever
+    started; a ``finally`` inside that iterator would then never run.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self._on_close()
+
+
 class _RequestIdMiddleware:
     """Give every request an id (the client's ``X-Request-Id`` if well-formed), return it
     in the response headers, and log one line per request.
@@ -333,6 +353,7 @@ def create_app(
             raise
         capacity = entry.spec.max_ongoing_requests * max(1, entry.replicas, entry.target_replicas)
         grant.extra["capacity"] = capacity
+        grant.extra["charge_id"] = uuid.uuid4().hex
         try:
             await asyncio.wait_for(
                 dispatcher.acquire(entry.name, capacity, grant.priority, grant.predicted_s), spec.request_timeout_s
@@ -347,19 +368,42 @@ def create_app(
                     retry_after_s=spec.retry_after_s,
                 ) from None
             raise
+        grant.extra["entered"] = True
+        grant.extra["entered_at"] = time.monotonic()
         return grant
 
     def leave(entry: ModelEntry, grant: Grant) -> None:
-        dispatcher.release(entry.name, grant.extra.get("capacity", 1))
-        admission.release(entry.name)
-        fair.release(grant)
+        """Give back every slot ``enter`` took; safe to call more than once."""
+        if grant.extra.pop("entered", False):
+            dispatcher.release(entry.name, grant.extra.get("capacity", 1))
+            admission.release(entry.name)
+            fair.release(grant)
 
     async def settle(request: Request, entry: ModelEntry, grant: Grant, gpu_s: float, completion: int = 0) -> None:
+        """Charge a request once, under an id the server made (a client's X-Request-Id may repeat)."""
+        if grant.extra.get("settled"):
+            return
+        grant.extra["settled"] = True
         request.state.gpu_s = gpu_s
         try:
-            await fair.charge(grant, entry.name, gpu_s, request.state.request_id, completion)
+            await fair.charge(grant, entry.name, gpu_s, grant.extra["charge_id"], completion)
         except Exception:  # noqa: BLE001 - the answer is out; the ledger must not turn it into an error
             logger.exception("[%s] could not record a charge of %.6f GPU-s", request.state.request_id, gpu_s)
+
+    def stream_response(
+        request: Request, entry: ModelEntry, grant: Grant, events: AsyncIterator[str]
+    ) -> StreamingResponse:
+        """An SSE response that always gives its slots back and charges the request, even when
+        the client goes away before the end (then: the wall time so far times the fraction)."""
+
+        def closed() -> None:
+            leave(entry, grant)
+            if not grant.extra.get("settled"):
+                assert entry.spec is not None
+                estimate = (time.monotonic() - grant.extra["entered_at"]) * entry.spec.gpu_fraction
+                asyncio.get_running_loop().create_task(settle(request, entry, grant, estimate))
+
+        return _GuardedStream(events, closed, media_type="text/event-stream", headers=sse_headers(grant))
 
     def uses_engine_openai(entry: ModelEntry) -> bool:
         """vLLM models are served by vLLM's own OpenAI layer; the gateway forwards to it."""
@@ -384,9 +428,11 @@ def create_app(
             wakes.begin(entry.name)
         try:
             result = await asyncio.wait_for(coro, budget)
-        except TimeoutError:
+        except BaseException as err:
             wakes.abandon(entry.name)
-            raise wake_error(entry, budget) from None
+            if isinstance(err, TimeoutError):
+                raise wake_error(entry, budget) from None
+            raise
         if cold and (woke := wakes.end(entry.name)) is not None:
             obs.cold_start(entry.name, woke)
         return result
@@ -421,8 +467,17 @@ def create_app(
         return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **grant.headers(None)}
 
     def head_max_tokens(body: dict[str, Any]) -> int | None:
-        value = body.get("max_completion_tokens") or body.get("max_tokens")
-        return value if isinstance(value, int) else None
+        try:
+            return validate(body, PassthroughRequest).requested_max_tokens()
+        except InvalidRequestError:
+            return None
+
+    def sequences(body: dict[str, Any]) -> int:
+        """How many sequences a request generates (n per prompt), for its predicted cost."""
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        prompt = body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+        return max(1, n or 1) * prompts
 
     def waking_comment(entry: ModelEntry) -> str:
         return f": waiting for model '{entry.name}' to wake\n\n"
@@ -436,10 +491,13 @@ def create_app(
         wants_usage = True
         if streaming:
             # Ask for the usage chunk for metering and metrics; drop it if the client did not.
-            options = dict(body.get("stream_options") or {})
+            raw_options = body.get("stream_options") or {}
+            if not isinstance(raw_options, dict):
+                raise InvalidRequestError("stream_options must be an object", param="stream_options")
+            options = dict(raw_options)
             wants_usage = bool(options.get("include_usage"))
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        grant = await enter(request, entry, head_max_tokens(body))
+        grant = await enter(request, entry, sequences(body) * (head_max_tokens(body) or 0) or None)
         stream = backend.openai(entry, endpoint, body)
 
         async def accepted() -> tuple[str, Any]:
@@ -503,7 +561,7 @@ def create_app(
             finally:
                 leave(entry, grant)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers(grant))
+        return stream_response(request, entry, grant, events())
 
     def record_tokens(request: Request, entry: ModelEntry, prompt: int, completion: int) -> None:
         request.state.tokens = f"{prompt}+{completion}"
@@ -698,7 +756,7 @@ def create_app(
         created = now()
         obj = "chat.completion" if chat else "text_completion"
         n = params.n
-        grant = await enter(request, entry, params.max_tokens)
+        grant = await enter(request, entry, (params.max_tokens or 0) * params.n * len(prompts) or None)
         streams = [backend.stream(entry, p, params) for p in prompts]
         waking = req.stream and entry.state is not ModelState.READY
         firsts: list[Delta] = []
@@ -850,7 +908,7 @@ def create_app(
             finally:
                 leave(entry, grant)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers(grant))
+        return stream_response(request, entry, grant, events())
 
     async def generation_route(request: Request, chat: bool) -> Response:
         data, head, entry = await resolve(request, "generate", "chat completions" if chat else "completions")

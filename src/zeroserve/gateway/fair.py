@@ -120,15 +120,25 @@ class FairShare:
             raise QuotaError(
                 f"over {tier.max_concurrent} concurrent requests", code="concurrency_limit_exceeded", retry_after_s=1
             )
-        assert self.ledger is not None
+        # Counted before the ledger read below, so that simultaneous requests see each other.
+        self.concurrent[record.key_id] += 1
+        grant.extra["counted"] = True
+        try:
+            await self._check_budget(grant, tier.daily_gpu_seconds, model, max_tokens)
+        except BaseException:
+            self.release(grant)
+            raise
+
+    async def _check_budget(self, grant: Grant, budget: float, model: str, max_tokens: int | None) -> None:
+        assert self.ledger is not None and grant.key is not None
         now = self.clock()
-        used = sum((await asyncio.to_thread(self.ledger.usage, record.key_id, day_of(now))).values())
+        used = sum((await asyncio.to_thread(self.ledger.usage, grant.key.key_id, day_of(now))).values())
         grant.used_before = used
-        remaining = tier.daily_gpu_seconds - used
+        remaining = budget - used
         grant.predicted_s = (max_tokens or 0) * self.per_token_s.get(model, 0.0)
         if remaining <= 0 or grant.predicted_s > remaining:
             why = (
-                f"the daily budget of {tier.daily_gpu_seconds:g} GPU-seconds is used up"
+                f"the daily budget of {budget:g} GPU-seconds is used up"
                 if remaining <= 0
                 else f"this request would cost about {grant.predicted_s:.3f} GPU-seconds and "
                 f"{remaining:.3f} are left today"
@@ -137,8 +147,6 @@ class FairShare:
             raise QuotaError(
                 f"{why}; the quota resets at {reset_at}", code="quota_exceeded", retry_after_s=grant.reset - now
             )
-        self.concurrent[record.key_id] += 1
-        grant.extra["counted"] = True
 
     def release(self, grant: Grant) -> None:
         if grant.key is not None and grant.extra.pop("counted", False):

@@ -140,21 +140,27 @@ class WakeTracker:
 class BusyClock:
     """Time during which at least one request was in an engine (for GPU-seconds).
 
-    Overlapping requests count once: a batch of eight is one span of engine time.
+    Overlapping requests count once: a batch of eight is one span of engine time. The time
+    is reported at every change, not only when the engine goes idle, so a replica that is
+    never idle still reports.
     """
 
-    def __init__(self, on_idle: Callable[[float], None], clock: Callable[[], float] = time.monotonic) -> None:
-        self.on_idle = on_idle
+    def __init__(self, on_busy: Callable[[float], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.on_busy = on_busy
         self.clock = clock
         self.active = 0
         self.since = 0.0
 
+    def _report(self) -> None:
+        now = self.clock()
+        if self.active > 0:
+            self.on_busy(now - self.since)
+        self.since = now
+
     def enter(self) -> None:
-        if self.active == 0:
-            self.since = self.clock()
+        self._report()
         self.active += 1
 
     def exit(self) -> None:
+        self._report()
         self.active -= 1
-        if self.active == 0:
-            self.on_idle(self.clock() - self.since)
