@@ -91,3 +91,26 @@ def wait(cond: Callable[[], bool], timeout_s: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError("condition not met")
+
+
+EMBED_BODY = {"model": "all-MiniLM-L6-v2", "input": "A man is eating a piece of bread.", "encoding_format": "float"}
+
+
+def embedding_latencies(
+    port: int, n: int, headers: dict[str, str] | None = None, ready: Callable[[httpx.Response], bool] | None = None
+) -> list[float]:
+    """Milliseconds of ``n`` sequential MiniLM embedding requests through the gateway, after
+    waiting until ``ready`` accepts an answer (a redeployed gateway has taken over) and 30
+    warm-up requests."""
+    http = httpx.Client(timeout=120, headers=headers or {})
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    if ready is not None:
+        wait(lambda: ready(http.post(url, json=EMBED_BODY)), 120)
+    for _ in range(30):
+        http.post(url, json=EMBED_BODY).raise_for_status()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        http.post(url, json=EMBED_BODY).raise_for_status()
+        out.append((time.perf_counter() - t) * 1000)
+    return out

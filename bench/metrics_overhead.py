@@ -11,23 +11,9 @@ import statistics
 import time
 
 import httpx
-from common import cluster, demo_config, deploy, machine, pct, wait
+from common import cluster, demo_config, deploy, embedding_latencies, machine, pct, wait
 
 MODEL = "all-MiniLM-L6-v2"
-
-
-def measure(port: int, n: int) -> list[float]:
-    http = httpx.Client(timeout=120)
-    body = {"model": MODEL, "input": "A man is eating a piece of bread.", "encoding_format": "float"}
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-    for _ in range(30):
-        http.post(url, json=body).raise_for_status()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        http.post(url, json=body).raise_for_status()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
 
 
 def main() -> None:
@@ -41,7 +27,7 @@ def main() -> None:
             cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", MODEL)]
             cfg["applications"][0]["args"]["metrics"] = metrics
             deploy(c, cfg, port)
-            lat = measure(port, args.n)
+            lat = embedding_latencies(port, args.n)
             rows.append((label, statistics.median(lat), pct(lat, 99)))
 
         cfg = demo_config(port)

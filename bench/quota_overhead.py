@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import cluster, demo_config, deploy, machine, pct, wait
+from common import cluster, demo_config, deploy, embedding_latencies, machine, pct, wait
 
 from zeroserve.cluster import free_port
 from zeroserve.quota import KeyRecord, hash_key, new_key, open_ledger
@@ -39,24 +39,12 @@ def gateway_config(port: int, ledger: dict | None) -> dict:
 
 
 def sequential(port: int, key: str | None, n: int) -> list[float]:
-    http = httpx.Client(timeout=120, headers={"authorization": f"Bearer {key}"} if key else {})
-    body = {"model": MODEL, "input": "A man is eating a piece of bread.", "encoding_format": "float"}
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-
-    # Until the redeployed gateway answers (the previous one serves meanwhile, with its own ledger).
-    def swapped() -> bool:
-        r = http.post(url, json=body)
+    def swapped(r: httpx.Response) -> bool:
+        # The previous gateway serves until the redeployed one takes over, with its own ledger.
         return r.status_code == 200 and (key is None) == ("x-zeroserve-quota-remaining" not in r.headers)
 
-    wait(swapped, 120)
-    for _ in range(30):
-        http.post(url, json=body).raise_for_status()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        http.post(url, json=body).raise_for_status()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return embedding_latencies(port, n, headers, ready=swapped)
 
 
 def concurrent_charges(port: int, key: str, total: int) -> tuple[float, float]:

@@ -22,7 +22,6 @@ __all__ = [
     "ClassifyRequest",
     "GenerateParams",
     "PassthroughRequest",
-    "Usage",
     "new_id",
 ]
 
@@ -226,9 +225,3 @@ class PassthroughRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0

@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -102,14 +102,6 @@ class Admission:
         self.total -= 1
         self.per_model[model] -= 1
         self.on_change(model, self.per_model[model])
-
-    @contextlib.contextmanager
-    def slot(self, model: str) -> Iterator[None]:
-        self.acquire(model)
-        try:
-            yield
-        finally:
-            self.release(model)
 
 
 _ROUTES = {
@@ -466,12 +458,6 @@ def create_app(
         # The charge is known only at the end of a stream: the headers carry what was left before it.
         return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **grant.headers(None)}
 
-    def head_max_tokens(body: dict[str, Any]) -> int | None:
-        try:
-            return validate(body, PassthroughRequest).requested_max_tokens()
-        except InvalidRequestError:
-            return None
-
     def sequences(body: dict[str, Any]) -> int:
         """How many sequences a request generates (n per prompt), for its predicted cost."""
         n = body.get("n") if isinstance(body.get("n"), int) else 1
@@ -483,12 +469,13 @@ def create_app(
         return f": waiting for model '{entry.name}' to wake\n\n"
 
     async def passthrough(
-        request: Request, entry: ModelEntry, endpoint: str, body: dict[str, Any], streaming: bool
+        request: Request, entry: ModelEntry, endpoint: str, body: dict[str, Any], head: PassthroughRequest
     ) -> Response:
         """Forward to the engine's own OpenAI layer; keep admission, deadlines, errors, metrics."""
         request_id: str = request.state.request_id
         started: float = request.state.start
         wants_usage = True
+        streaming = head.stream
         if streaming:
             # Ask for the usage chunk for metering and metrics; drop it if the client did not.
             raw_options = body.get("stream_options") or {}
@@ -497,7 +484,7 @@ def create_app(
             options = dict(raw_options)
             wants_usage = bool(options.get("include_usage"))
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        grant = await enter(request, entry, sequences(body) * (head_max_tokens(body) or 0) or None)
+        grant = await enter(request, entry, sequences(body) * (head.requested_max_tokens() or 0) or None)
         stream = backend.openai(entry, endpoint, body)
 
         async def accepted() -> tuple[str, Any]:
@@ -558,8 +545,6 @@ def create_app(
             except Exception as err:  # noqa: BLE001 - in-band: the headers are sent
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
-            finally:
-                leave(entry, grant)
 
         return stream_response(request, entry, grant, events())
 
@@ -675,7 +660,7 @@ def create_app(
     async def embeddings(request: Request) -> Any:
         data, head, entry = await resolve(request, "embed", "embeddings")
         if uses_engine_openai(entry):
-            return await passthrough(request, entry, "embeddings", data, streaming=False)
+            return await passthrough(request, entry, "embeddings", data, head)
         req = validate(data, EmbeddingRequest)
         texts = req.texts()
         grant = await enter(request, entry, None)
@@ -704,7 +689,7 @@ def create_app(
     async def classify(request: Request) -> Any:
         data, head, entry = await resolve(request, "classify", "classification")
         if uses_engine_openai(entry):
-            return await passthrough(request, entry, "classify", data, streaming=False)
+            return await passthrough(request, entry, "classify", data, head)
         req = validate(data, ClassifyRequest)
         grant = await enter(request, entry, None)
         try:
@@ -905,8 +890,6 @@ def create_app(
             except Exception as err:  # noqa: BLE001 - reported in-band: headers are gone
                 yield _stream_error(err, request_id)
                 yield "data: [DONE]\n\n"
-            finally:
-                leave(entry, grant)
 
         return stream_response(request, entry, grant, events())
 
@@ -915,7 +898,7 @@ def create_app(
         if uses_engine_openai(entry):
             check_caps(head, entry)
             endpoint = "chat/completions" if chat else "completions"
-            return await passthrough(request, entry, endpoint, data, streaming=head.stream)
+            return await passthrough(request, entry, endpoint, data, head)
         req: ChatCompletionRequest | CompletionRequest = (
             validate(data, ChatCompletionRequest) if chat else validate(data, CompletionRequest)
         )
