@@ -71,15 +71,14 @@ class ServeBackend:
         self._lock = asyncio.Lock()
         self._handles: dict[str, DeploymentHandle] = {}
 
-    async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
+    async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
         age = time.monotonic() - self._fetched_at
-        # A refresh is asked for on unknown names too: at most one controller call a second,
-        # so a flood of made-up model names cannot keep the controller busy.
-        if self._entries is not None and (age < self.spec.discovery_ttl_s and not refresh or age < 1.0):
+        limit = max_age_s if max_age_s is not None else (0.0 if refresh else self.spec.discovery_ttl_s)
+        if self._entries is not None and age < limit:
             return self._entries
         async with self._lock:
             started = time.monotonic()
-            if self._entries is not None and self._fetched_at >= started - 0.05 and not refresh:
+            if self._entries is not None and self._fetched_at >= started - 0.05 and limit > 0:
                 return self._entries
             client = serve.context._get_global_client()
             assert client is not None, "not running inside a Serve application"

@@ -38,7 +38,7 @@ class FakeBackend:
         self.gate.set()
         self.seen_params: list[GenerateParams] = []
 
-    async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
+    async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
         return self.entries
 
     async def gpus(self) -> dict[str, float]:

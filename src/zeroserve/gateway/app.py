@@ -306,8 +306,9 @@ def create_app(
         models = await backend.models()
         entry = models.get(name)
         if entry is None:
-            # A model deployed a moment ago: look once more before saying 404.
-            entry = (await backend.models(refresh=True)).get(name)
+            # A model deployed a moment ago: look once more before saying 404. A view under 1 s
+            # old will do, so that a flood of made-up names costs no controller call each.
+            entry = (await backend.models(max_age_s=1.0)).get(name)
         if entry is None:
             raise ModelNotFoundError(name)
         request.state.model = entry.name

@@ -19,8 +19,13 @@ Prompt = str | list[dict[str, str]]  # a completion prompt, or chat messages
 
 
 class Backend(Protocol):
-    async def models(self, refresh: bool = False) -> dict[str, ModelEntry]:
-        """Every configured model with its state, without waking any."""
+    async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
+        """Every configured model with its state, without waking any.
+
+        Args:
+            refresh: read the live state now.
+            max_age_s: accept a view this old (overrides ``refresh``).
+        """
         ...
 
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]: ...
