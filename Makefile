@@ -12,10 +12,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # Token auth off explicitly: a stale ~/.ray/auth_token would otherwise switch it on.
 export RAY_AUTH_MODE := disabled
+# The local cluster listens on loopback only (src/zeroserve/cluster.py); a driver's
+# ray.init(address="127.0.0.1:...") needs this too, or Ray swaps in the machine's IP.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench gpu-check clean
+.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench chaos load fuzz gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
@@ -25,6 +28,8 @@ help:
 	@echo "make test       set up and run the whole test suite"
 	@echo "make deploy     plan, then deploy CONFIG=... (CLUSTER=cluster.yaml or GPUS=4xA100-80GB; ADDRESS=...)"
 	@echo "make bench      run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
+	@echo "make chaos      faults under load, a failing model, a redeploy: figures to docs/reliability.md"
+	@echo "make load       twice the load the pool can serve, with and without limits (locust): docs/reliability.md"
 	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
 	@echo "make lint       ruff and mypy"
 
@@ -92,6 +97,13 @@ lint: venv
 bench: models
 	$(BIN)/python bench/gateway_latency.py
 	$(BIN)/python bench/cold_start.py
+
+# The reliability suite's long versions (the short ones are in `make test`); loopback only.
+chaos: models
+	$(BIN)/python bench/chaos.py
+
+load: models
+	$(BIN)/python bench/load.py
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -33,6 +33,10 @@ __all__ = ["Gateway", "ServeBackend", "build"]
 
 logger = logging.getLogger("zeroserve.gateway")
 
+# A controller read that takes longer than this is treated as a controller that is down.
+_CONTROLLER_TIMEOUT_S = 5.0
+_CONTROLLER_BACKOFF_S = 2.0
+
 
 def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> BaseException:
     """Turn what a handle raises into the error the client should see."""
@@ -68,6 +72,7 @@ class ServeBackend:
         self.spec = spec
         self._entries: dict[str, ModelEntry] | None = None
         self._fetched_at = 0.0
+        self._failed_at = -1e9
         self._lock = asyncio.Lock()
         self._handles: dict[str, DeploymentHandle] = {}
 
@@ -80,9 +85,27 @@ class ServeBackend:
             started = time.monotonic()
             if self._entries is not None and self._fetched_at >= started - 0.05 and limit > 0:
                 return self._entries
+            if self._entries is not None and started - self._failed_at < _CONTROLLER_BACKOFF_S:
+                return self._entries  # the controller failed a moment ago: do not queue on it again
             client = serve.context._get_global_client()
             assert client is not None, "not running inside a Serve application"
-            details = await asyncio.to_thread(client.get_serve_details)
+            try:
+                details = await asyncio.wait_for(asyncio.to_thread(client.get_serve_details), _CONTROLLER_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - the controller restarts; replicas keep serving
+                if self._entries is None:
+                    raise ModelUnavailableError(
+                        "the pool's directory of models is unreachable (the Serve controller is restarting); retry",
+                        code="controller_unavailable",
+                        retry_after_s=self.spec.retry_after_s,
+                    ) from None
+                # Serve's data plane does not need the controller: keep routing on the last view.
+                self._failed_at = time.monotonic()
+                logger.warning(
+                    "could not read the Serve controller (%s); using the model list from %.0f s ago",
+                    type(err).__name__,
+                    time.monotonic() - self._fetched_at,
+                )
+                return self._entries
             self._entries = entries_from_details(details)
             self._fetched_at = time.monotonic()
             for gone in set(self._handles) - set(self._entries):
@@ -202,4 +225,6 @@ def build(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": spec.num_cpus},
         # The gateway sheds load itself (503 + Retry-After); Serve must not queue first.
         max_ongoing_requests=spec.max_inflight_requests + 64,
+        # A replica being replaced or removed finishes what it holds (streams too) first.
+        graceful_shutdown_timeout_s=spec.shutdown_grace_s,
     ).bind(spec.model_dump())

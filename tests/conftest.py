@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("ZEROSERVE_HOME", str(ROOT))
+# Before Ray is imported: a driver reaches the loopback-only test cluster at 127.0.0.1 (see
+# zeroserve.cluster.LOOPBACK_ENV; Ray would otherwise swap in the machine's IP).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,6 +21,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts[0] in ("unit", "integration", "gpu"):
             item.add_marker(getattr(pytest.mark, parts[0]))
+    # A test that stops the session's cluster runs after every test that uses it.
+    items.sort(key=lambda item: item.get_closest_marker("stops_cluster") is not None)
 
 
 @pytest.fixture(scope="session")

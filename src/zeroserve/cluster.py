@@ -4,6 +4,19 @@
 starts its head with ``ray start --head --block`` in a new session and records the
 session's id; stopping signals that process group only. Used by ``make run``/``make
 stop`` and by the integration tests' session fixture.
+
+**Loopback only by default.** ``--node-ip-address 127.0.0.1`` alone is not enough: on
+Linux ``ray start`` swaps a loopback address for the machine's own IP
+(``services.resolve_ip_for_localhost``, called from Ray's ``scripts.py``), and Ray's
+servers then listen on all interfaces. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray
+keeps ``127.0.0.1`` as the node IP (its default mode on macOS and Windows), and the
+servers that choose their address from the node IP listen on loopback: GCS, raylet,
+object manager, core workers, dashboard agent, runtime-env agent, metrics export, client
+server. Each Ray Serve replica's inter-deployment gRPC server stays on all interfaces
+whatever the flags (``[::]:0`` in Ray 2.60's ``serve/_private/replica.py``); the Serve
+proxy listens where ``http_options.host`` says. See docs/security.md. Such a head takes
+no other nodes (Ray refuses ``ray start --address`` in that mode), so :func:`add_node`
+needs ``start_local(..., loopback_only=False)``.
 """
 
 from __future__ import annotations
@@ -16,10 +29,29 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["LocalCluster", "add_node", "free_port", "kill_node", "read_cluster", "start_local", "stop_local"]
+__all__ = [
+    "LOOPBACK_ENV",
+    "RAY_ENV",
+    "LocalCluster",
+    "add_node",
+    "drain_gateway",
+    "free_port",
+    "head_command",
+    "kill_node",
+    "ray_env",
+    "read_cluster",
+    "start_local",
+    "stop_local",
+]
+
+#: Ray's switch for multi-node clusters (``ray_constants.ENABLE_RAY_CLUSTER``, read when
+#: ``ray`` is imported). "0" keeps a loopback node IP as it is instead of replacing it with
+#: the machine's IP, in ``ray start`` and in ``ray.init(address=...)`` alike.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -29,10 +61,20 @@ class LocalCluster:
     dashboard_port: int
     temp_dir: str
     metrics_port: int = 0
+    loopback_only: bool = False  # records written before this field existed were not
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """Environment a driver process needs for ``ray.init(address=cluster.address)``.
+
+        Set it before ``import ray``: otherwise Ray replaces ``127.0.0.1`` in the address
+        with the machine's IP, where a loopback-only GCS does not listen.
+        """
+        return {LOOPBACK_ENV: "0"} if self.loopback_only else {}
 
     @property
     def dashboard_url(self) -> str:
@@ -42,6 +84,17 @@ class LocalCluster:
     def metrics_url(self) -> str:
         """The head node's Prometheus endpoint (Ray's metrics and zeroserve's, prefixed ray_)."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+# The environment of every Ray process zeroserve starts (head and extra nodes).
+RAY_ENV = {
+    # Local clusters run without Ray's token auth: a stale ~/.ray/auth_token would switch it on.
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Every Serve proxy answers a request whose gateway replica died with a 503 + Retry-After
+    # (or an SSE error event), never a bare 500 or a cut stream: see zeroserve.proxy.
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "zeroserve.proxy:middlewares",
+}
 
 
 def free_port() -> int:
@@ -70,39 +123,24 @@ def read_cluster(run_dir: Path) -> LocalCluster | None:
     return cluster if _alive(cluster.pid) else None
 
 
-def start_local(
-    run_dir: Path,
+def head_command(
+    ray: str,
     *,
+    gcs_port: int,
+    dashboard_port: int,
+    metrics_port: int,
+    client_server_port: int,
+    temp_dir: str,
     num_gpus: int = 1,
     num_cpus: int | None = None,
-    gcs_port: int | None = None,
-    dashboard_port: int | None = None,
-    env: dict[str, str] | None = None,
-    timeout_s: float = 120,
-) -> LocalCluster:
-    """Start a Ray head on loopback with logical GPUs; return once the dashboard answers.
+) -> list[str]:
+    """The ``ray start --head`` command line of a local head (pure: nothing is started).
 
-    Args:
-        run_dir: where the pid file, temp dir and log go (``.run`` for ``make run``).
-        num_gpus: logical GPUs (whole): placement by fraction is real even without CUDA.
-        num_cpus: logical CPUs; Ray's default is the core count.
-        env: extra environment for Ray and every worker it starts.
-
-    Raises:
-        RuntimeError: the head did not come up in time (its log's tail is in the message).
+    Every address in it is 127.0.0.1; with :func:`ray_env`'s ``loopback_only`` the node IP
+    stays so, and the servers that follow the node IP listen on loopback only.
     """
-    existing = read_cluster(run_dir)
-    if existing is not None:
-        return existing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Ray's socket paths must stay under 107 bytes, so the temp dir is short and in /tmp.
-    temp_dir = f"/tmp/zs-{os.getpid()}-{int(time.time())}"
-    gcs_port = gcs_port or free_port()
-    dashboard_port = dashboard_port or free_port()
-    metrics_port = free_port()
-    ray = Path(sys.executable).with_name("ray")
     cmd = [
-        str(ray),
+        ray,
         "start",
         "--head",
         "--block",
@@ -123,13 +161,77 @@ def start_local(
         "true",
         "--metrics-export-port",
         str(metrics_port),
+        # The client server always runs on a head where grpc is installed (Ray refuses port
+        # 0); a free port instead of the fixed 10001 lets two local clusters coexist.
+        "--ray-client-server-port",
+        str(client_server_port),
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return cmd
+
+
+def ray_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None, *, loopback_only: bool) -> dict[str, str]:
+    """The environment of a ``ray start`` (and so of every Ray process it starts).
+
+    Args:
+        base: usually ``os.environ``.
+        extra: more variables; they override :data:`RAY_ENV` but not ``loopback_only``.
+        loopback_only: keep the node IP on 127.0.0.1 (:data:`LOOPBACK_ENV` = "0"); "1"
+            otherwise, so that an inherited "0" cannot make a joinable cluster refuse nodes.
+    """
+    return {**base, **RAY_ENV, **(extra or {}), LOOPBACK_ENV: "0" if loopback_only else "1"}
+
+
+def start_local(
+    run_dir: Path,
+    *,
+    num_gpus: int = 1,
+    num_cpus: int | None = None,
+    gcs_port: int | None = None,
+    dashboard_port: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120,
+    loopback_only: bool = True,
+) -> LocalCluster:
+    """Start a Ray head with logical GPUs; return once the dashboard answers.
+
+    Args:
+        run_dir: where the pid file, temp dir and log go (``.run`` for ``make run``).
+        num_gpus: logical GPUs (whole): placement by fraction is real even without CUDA.
+        num_cpus: logical CPUs; Ray's default is the core count.
+        env: extra environment for Ray and every worker it starts.
+        loopback_only: Ray's servers listen on 127.0.0.1 only (the module docstring names
+            the exceptions) and the head takes no other nodes; a driver then needs
+            :attr:`LocalCluster.driver_env`. False: the node IP is the machine's and Ray's
+            servers listen on all interfaces, so that :func:`add_node` can join nodes.
+
+    Raises:
+        RuntimeError: the head did not come up in time (its log's tail is in the message).
+    """
+    existing = read_cluster(run_dir)
+    if existing is not None:
+        return existing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Ray's socket paths must stay under 107 bytes, so the temp dir is short and in /tmp.
+    temp_dir = f"/tmp/zs-{os.getpid()}-{int(time.time())}"
+    gcs_port = gcs_port or free_port()
+    dashboard_port = dashboard_port or free_port()
+    metrics_port = free_port()
+    cmd = head_command(
+        str(Path(sys.executable).with_name("ray")),
+        gcs_port=gcs_port,
+        dashboard_port=dashboard_port,
+        metrics_port=metrics_port,
+        client_server_port=free_port(),
+        temp_dir=temp_dir,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
+    full_env = ray_env(os.environ, env, loopback_only=loopback_only)
     log = open(run_dir / "ray.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    cluster = LocalCluster(proc.pid, gcs_port, dashboard_port, temp_dir, metrics_port)
+    cluster = LocalCluster(proc.pid, gcs_port, dashboard_port, temp_dir, metrics_port, loopback_only)
     (run_dir / "cluster.json").write_text(json.dumps(asdict(cluster)))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -160,7 +262,16 @@ def add_node(
 
     Returns:
         The node's process-group id (for :func:`kill_node`).
+
+    Raises:
+        RuntimeError: the cluster listens on loopback only: Ray refuses to join a node to
+            it (and the address a joining node would use has no GCS behind it).
     """
+    if cluster.loopback_only:
+        raise RuntimeError(
+            "this local cluster listens on loopback only and cannot take more nodes: "
+            "start it with start_local(..., loopback_only=False) to add nodes"
+        )
     ray = Path(sys.executable).with_name("ray")
     cmd = [
         str(ray),
@@ -176,7 +287,7 @@ def add_node(
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    full_env = ray_env(os.environ, env, loopback_only=False)
     log = open(run_dir / "ray-node.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     with open(run_dir / "nodes.txt", "a") as f:
@@ -192,21 +303,68 @@ def kill_node(pgid: int) -> None:
         pass
 
 
-def stop_local(run_dir: Path, grace_s: float = 10) -> bool:
-    """Stop the cluster recorded in ``run_dir`` (its process groups only).
+def _dashboard(cluster: LocalCluster, method: str, body: object = None, timeout_s: float = 30) -> object:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"{cluster.dashboard_url}/api/serve/applications/",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"} if data else {},
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None:
+    """Take the gateway out of service gracefully; return how long it took (None: no gateway).
+
+    The gateway application alone is removed (the models and Serve's proxies stay): Serve
+    routes no new request to it, and each gateway replica finishes the requests it holds,
+    streams included, within its ``shutdown_grace_s`` before it exits. Only then is the
+    cluster stopped, so stopping does not cut anyone's answer short.
+    """
+    started = time.monotonic()
+    details = _dashboard(cluster, "GET")
+    apps = details.get("applications") or {} if isinstance(details, dict) else {}
+    if "gateway" not in apps:
+        return None
+    assert isinstance(details, dict)
+    http = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port", "root_path")}
+    rest = [a["deployed_app_config"] for n, a in apps.items() if n != "gateway" and a.get("deployed_app_config")]
+    _dashboard(cluster, "PUT", {"http_options": http, "applications": rest}, timeout_s=60)
+    while time.monotonic() - started < timeout_s:
+        current = _dashboard(cluster, "GET")
+        if "gateway" not in ((current.get("applications") or {}) if isinstance(current, dict) else {}):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool:
+    """Stop the cluster recorded in ``run_dir`` (its process groups only), gateway drained first.
+
+    Args:
+        grace_s: how long Ray's processes get between SIGTERM and SIGKILL.
+        drain_s: the longest wait for the gateway to finish the requests it holds.
 
     Returns:
         True if a cluster was running.
     """
     nodes = run_dir / "nodes.txt"
+    state = run_dir / "cluster.json"
+    cluster = LocalCluster(**json.loads(state.read_text())) if state.is_file() else None
+    if cluster is not None and _alive(cluster.pid) and drain_s > 0:
+        try:
+            drain_gateway(cluster, drain_s)
+        except (OSError, ValueError) as err:  # a cluster half up: stop it anyway
+            print(f"could not drain the gateway ({err}); stopping anyway", file=sys.stderr)
     if nodes.is_file():
         for line in nodes.read_text().split():
             _stop_group(int(line), grace_s)
         nodes.unlink()
-    state = run_dir / "cluster.json"
-    if not state.is_file():
+    if cluster is None:
         return False
-    cluster = LocalCluster(**json.loads(state.read_text()))
     was_running = _alive(cluster.pid)
     _stop_group(cluster.pid, grace_s)
     state.unlink(missing_ok=True)

@@ -223,6 +223,9 @@ class GatewaySpec(_Strict):
         default=128, gt=0, description="Requests for one model at once before it sheds load."
     )
     retry_after_s: int = Field(default=5, gt=0)
+    shutdown_grace_s: float = Field(
+        default=60.0, gt=0, description="How long a stopping gateway replica may take to finish its requests."
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     discovery_ttl_s: float = Field(default=2.0, ge=0)
     keepalive_s: float = Field(

@@ -124,24 +124,42 @@ class Pool:
         wait_for(listed, 60, "the gateway to list the deployed models")
 
 
+_CLUSTER_ENV = {
+    "ZEROSERVE_HOME": str(ROOT),
+    "HF_HUB_OFFLINE": "1",
+    "ZEROSERVE_LOG_LEVEL": "INFO",
+    # Export application metrics every second (Ray's default is 10 s) so tests wait less.
+    "RAY_metrics_report_interval_ms": "1000",
+}
+
+
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Pool]:
+    """The cluster as ``make run`` starts it: loopback only."""
     run_dir = tmp_path_factory.mktemp("ray-run")
-    cluster = start_local(
-        run_dir,
-        num_gpus=1,
-        env={
-            "ZEROSERVE_HOME": str(ROOT),
-            "HF_HUB_OFFLINE": "1",
-            "ZEROSERVE_LOG_LEVEL": "INFO",
-            # Export application metrics every second (Ray's default is 10 s) so tests wait less.
-            "RAY_metrics_report_interval_ms": "1000",
-        },
-    )
+    cluster = start_local(run_dir, num_gpus=1, env=_CLUSTER_ENV)
     try:
         yield Pool(cluster, free_port(), run_dir)
     finally:
         stop_local(run_dir)
+
+
+@pytest.fixture(scope="module")
+def joinable_pool(pool: Pool) -> Iterator[Pool]:
+    """The session's cluster restarted so that other nodes may join it (not loopback only).
+
+    One cluster at a time on this machine: the loopback-only one stops first and comes back after.
+    """
+
+    def restart(loopback_only: bool) -> None:
+        stop_local(pool.run_dir)
+        pool.cluster = start_local(pool.run_dir, num_gpus=1, env=_CLUSTER_ENV, loopback_only=loopback_only)
+
+    restart(loopback_only=False)
+    try:
+        yield pool
+    finally:
+        restart(loopback_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ def _classify(pool: Pool, model: str) -> httpx.Response:
     return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=60)
 
 
-def test_eight_models_across_two_nodes_and_a_lost_node(pool: Pool) -> None:
+def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> None:
+    pool = joinable_pool
     before = _alive_nodes(pool)
     node = add_node(
         pool.run_dir, pool.cluster, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}

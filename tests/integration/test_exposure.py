@@ -1,0 +1,50 @@
+"""What the pool exposes by default: every listening socket of the cluster's processes.
+
+The cluster is started as ``make run`` starts it. Everything listens on loopback except
+what Ray 2.60 offers no setting for: each Serve replica's inter-deployment gRPC server
+binds ``[::]:0`` (ray/serve/_private/replica.py). docs/security.md says what that means.
+"""
+
+from __future__ import annotations
+
+import httpx
+import psutil
+
+from .conftest import Pool, wait_for
+
+EMB = "all-MiniLM-L6-v2"
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
+    """Listening sockets of the head process and everything it started (workers, agents, proxy)."""
+    head = psutil.Process(head_pid)
+    found = []
+    for proc in [head, *head.children(recursive=True)]:
+        try:
+            title = " ".join(proc.cmdline())[:80]
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((conn.laddr.ip, conn.laddr.port, title))
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_only_loopback_beyond_the_replicas_grpc(pool: Pool) -> None:
+    models = {a["name"]: a["args"] for a in pool.config()["applications"][1:] if a["name"] == EMB}
+    pool.deploy(pool.config(models))
+    resp = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": EMB, "input": "x"}, timeout=120)
+    assert resp.status_code == 200
+    wait_for(lambda: pool.running_replica_ids(EMB), 30, "a running replica")
+
+    listeners = _listeners(pool.cluster.pid)
+    ports = {port for _, port, _ in listeners}
+    # The ones the user sees are among them, on loopback.
+    for port in (pool.http_port, pool.cluster.gcs_port, pool.cluster.dashboard_port):
+        assert port in ports, f"nothing of the cluster listens on {port}"
+    exposed = [(ip, port, title) for ip, port, title in listeners if ip not in LOOPBACK]
+    beyond_replicas = [x for x in exposed if "ServeReplica" not in x[2]]
+    assert beyond_replicas == [], f"listening beyond loopback: {beyond_replicas}"
+    # The known exception is exactly the replicas' gRPC servers, one per replica.
+    assert all(ip in ("::", "0.0.0.0") for ip, _, _ in exposed), exposed

@@ -1,0 +1,84 @@
+"""The local cluster's command line and environment: loopback by default, nothing started."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zeroserve.cluster import LOOPBACK_ENV, RAY_ENV, LocalCluster, add_node, head_command, ray_env, read_cluster
+
+
+def _head(**kwargs: object) -> list[str]:
+    args: dict[str, object] = {
+        "gcs_port": 40001,
+        "dashboard_port": 40002,
+        "metrics_port": 40003,
+        "client_server_port": 40004,
+        "temp_dir": "/tmp/zs-test",
+    }
+    return head_command("ray", **{**args, **kwargs})  # type: ignore[arg-type]
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_head_command_names_only_loopback_and_its_own_ports() -> None:
+    cmd = _head(num_cpus=2)
+    assert cmd[:4] == ["ray", "start", "--head", "--block"]
+    assert _flag(cmd, "--node-ip-address") == "127.0.0.1"
+    assert _flag(cmd, "--dashboard-host") == "127.0.0.1"
+    assert _flag(cmd, "--port") == "40001"
+    assert _flag(cmd, "--dashboard-port") == "40002"
+    assert _flag(cmd, "--metrics-export-port") == "40003"
+    # Ray starts its client server on every head (port 0 is refused): a port of our own, not 10001.
+    assert _flag(cmd, "--ray-client-server-port") == "40004"
+    assert _flag(cmd, "--num-gpus") == "1" and _flag(cmd, "--num-cpus") == "2"
+    assert not any("0.0.0.0" in part for part in cmd)
+
+
+def test_ray_env_keeps_the_node_ip_on_loopback_unless_asked_not_to() -> None:
+    base = {"PATH": "/bin", LOOPBACK_ENV: "1"}
+    env = ray_env(base, {"ZEROSERVE_HOME": "/x", LOOPBACK_ENV: "1"}, loopback_only=True)
+    assert env[LOOPBACK_ENV] == "0"  # neither the caller's env nor extra can undo it
+    assert env["RAY_AUTH_MODE"] == "disabled" and env["PATH"] == "/bin" and env["ZEROSERVE_HOME"] == "/x"
+    assert RAY_ENV.items() <= env.items()
+    # A joinable cluster: an inherited "0" (e.g. from the Makefile) must not make Ray refuse nodes.
+    assert ray_env({LOOPBACK_ENV: "0"}, loopback_only=False)[LOOPBACK_ENV] == "1"
+    assert ray_env({}, {"RAY_AUTH_MODE": "token"}, loopback_only=True)["RAY_AUTH_MODE"] == "token"
+
+
+def test_with_that_env_ray_keeps_127_0_0_1_as_the_node_ip() -> None:
+    """The Ray function `ray start --node-ip-address` goes through (scripts.py), in a fresh
+    process because Ray reads the variable at import. Nothing is started."""
+    code = "from ray._private.services import resolve_ip_for_localhost as r; print(r('127.0.0.1'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=ray_env({"PATH": "/usr/bin:/bin"}, loopback_only=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.strip() == "127.0.0.1"
+
+
+def test_a_loopback_only_cluster_refuses_extra_nodes(tmp_path: Path) -> None:
+    cluster = LocalCluster(pid=1, gcs_port=1, dashboard_port=2, temp_dir="/tmp/x", loopback_only=True)
+    assert cluster.driver_env == {LOOPBACK_ENV: "0"}
+    with pytest.raises(RuntimeError, match="loopback_only=False"):
+        add_node(tmp_path, cluster)
+    assert not (tmp_path / "nodes.txt").exists()  # refused before anything started
+    assert LocalCluster(pid=1, gcs_port=1, dashboard_port=2, temp_dir="/tmp/x").driver_env == {}
+
+
+def test_a_record_from_before_the_loopback_field_still_reads(tmp_path: Path) -> None:
+    (tmp_path / "cluster.json").write_text(
+        json.dumps({"pid": 1, "gcs_port": 1, "dashboard_port": 2, "temp_dir": "/tmp/x", "metrics_port": 3})
+    )
+    cluster = read_cluster(tmp_path)  # pid 1 is alive on any Linux
+    assert cluster is not None and cluster.loopback_only is False
