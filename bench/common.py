@@ -114,3 +114,16 @@ def embedding_latencies(
         http.post(url, json=EMBED_BODY).raise_for_status()
         out.append((time.perf_counter() - t) * 1000)
     return out
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``
+    (appending the markers if they are missing): benchmarks rewrite their own figures only."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) :]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)

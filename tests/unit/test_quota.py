@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from zeroserve.config import AuthSpec
-from zeroserve.gateway.fair import AuthError, Dispatcher, FairShare, ForbiddenError, QuotaError
+from zeroserve.gateway.fair import AuthError, Dispatcher, FairShare, ForbiddenError, QueueFull, QuotaError
 from zeroserve.quota import (
     KeyRecord,
     RateLimiter,
@@ -178,6 +178,24 @@ async def test_a_cancelled_waiter_does_not_leak_capacity() -> None:
     disp.release("m", 1)
     assert disp.running["m"] == 0
     await asyncio.wait_for(disp.acquire("m", 1, 0, 0), 1)
+
+
+async def test_a_full_wait_queue_sheds_at_once_and_frees_as_it_drains() -> None:
+    disp = Dispatcher()
+    await disp.acquire("m", 1, 0, 0)
+    waiters = [asyncio.create_task(disp.acquire("m", 1, 0, 0, max_waiting=2)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull, match="2 requests waiting"):
+        await asyncio.wait_for(disp.acquire("m", 1, 0, 0, max_waiting=2), 1)
+    await disp.acquire("other", 1, 0, 0, max_waiting=2)  # the bound is per model
+    disp.release("m", 1)
+    await asyncio.wait_for(waiters[0], 1)
+    waiter = asyncio.create_task(disp.acquire("m", 1, 0, 0, max_waiting=2))  # room again
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    for _ in range(2):
+        disp.release("m", 1)
+    await asyncio.wait_for(asyncio.gather(waiters[1], waiter), 1)
 
 
 async def test_simultaneous_requests_see_each_other_in_the_concurrency_limit(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from zeroserve.config import AuthSpec
 from zeroserve.errors import AuthError, ForbiddenError, QuotaError
 from zeroserve.quota import KeyRecord, Ledger, RateLimiter, day_of, hash_key, next_reset, parse_bearer, priority_order
 
-__all__ = ["AuthError", "Dispatcher", "FairShare", "Grant", "ForbiddenError", "QuotaError"]
+__all__ = ["AuthError", "Dispatcher", "FairShare", "ForbiddenError", "Grant", "QueueFull", "QuotaError"]
 
 
 @dataclass
@@ -188,6 +188,15 @@ class _Waiter:
     future: asyncio.Future[None]
 
 
+class QueueFull(Exception):
+    """A model's wait queue is at its bound."""
+
+    def __init__(self, model: str, waiting: int) -> None:
+        super().__init__(f"model '{model}' already has {waiting} requests waiting")
+        self.model = model
+        self.waiting = waiting
+
+
 class Dispatcher:
     """Per-model admission by priority once a model's capacity is in use.
 
@@ -201,11 +210,21 @@ class Dispatcher:
         self.running: Counter[str] = Counter()
         self.waiting: dict[str, list[_Waiter]] = {}
 
-    async def acquire(self, model: str, capacity: int, priority: int, predicted_s: float) -> None:
+    async def acquire(
+        self, model: str, capacity: int, priority: int, predicted_s: float, max_waiting: int | None = None
+    ) -> None:
+        """Wait for one of ``capacity`` slots of ``model``.
+
+        Raises:
+            QueueFull: ``max_waiting`` requests already wait for this model: the caller sheds
+                this one at once rather than let the queue (and every waiter's latency) grow.
+        """
         queue = self.waiting.setdefault(model, [])
         if self.running[model] < capacity and not queue:
             self.running[model] += 1
             return
+        if max_waiting is not None and len(queue) >= max_waiting:
+            raise QueueFull(model, len(queue))
         waiter = _Waiter(priority, predicted_s, self.clock(), asyncio.get_running_loop().create_future())
         queue.append(waiter)
         try:

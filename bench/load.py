@@ -1,0 +1,167 @@
+"""``make load``: twice the load the pool can serve, with and without the gateway's limits.
+
+One warm classification model (tiny-sentiment, 4 requests at a time). First its
+capacity: closed-loop locust users with no think time. Then, in the same run, locust
+users offering twice that rate for a fixed time against (a) the gateway as configured
+(a bounded wait queue: the excess is shed with 503 + Retry-After) and (b) the same
+model with the limits lifted (an unbounded queue). Per mode: requests answered, shed,
+failed, goodput (answers within the latency target per second), latency of the
+admitted requests and of the refusals, the gateway replica's memory, and how long the
+pool took to drain after the clients stopped. Figures go to docs/reliability.md.
+
+    .venv/bin/python bench/load.py [--seconds 30] [--users 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import ROOT, cluster, demo_config, deploy, machine, pct, wait, write_section
+
+from zeroserve.cluster import LocalCluster
+
+MODEL = "tiny-sentiment"
+LOCUST = str(Path(sys.executable).with_name("locust"))
+DOC = ROOT / "docs" / "reliability.md"
+
+
+def config(port: int, bounded: bool) -> dict[str, Any]:
+    cfg = demo_config(port)
+    gateway = cfg["applications"][0]
+    apps = [a for a in cfg["applications"][1:] if a["name"] == MODEL]
+    args = apps[0]["args"]
+    args.update(max_ongoing_requests=4, max_batch_size=4, autoscaling={"min_replicas": 1, "max_replicas": 1})
+    if bounded:
+        args["max_queued_requests"] = 8
+    else:
+        args["max_queued_requests"] = 1_000_000
+        gateway["args"] = {
+            **gateway["args"],
+            "max_inflight_requests": 1_000_000,
+            "max_inflight_per_model": 1_000_000,
+        }
+    cfg["applications"] = [gateway, *apps]
+    return cfg
+
+
+def locust(port: int, users: int, rate_per_user: float, seconds: int) -> tuple[list[dict[str, Any]], float]:
+    """Run locust headless; return every request's record and the run's wall time."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as rec:
+        record = rec.name
+    env = {**os.environ, "ZS_RECORD": record, "ZS_MODEL": MODEL, "ZS_USER_RATE": str(rate_per_user)}
+    cmd = [
+        LOCUST, "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "--only-summary",
+        "-u", str(users), "-r", str(users), "--run-time", f"{seconds}s", "--stop-timeout", "120",
+        "--host", f"http://127.0.0.1:{port}", "--loglevel", "WARNING",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    subprocess.run(cmd, env=env, check=False, capture_output=True, timeout=seconds + 300)
+    wall = time.monotonic() - t0
+    lines = Path(record).read_text().splitlines()
+    os.unlink(record)
+    return [json.loads(line) for line in lines], wall
+
+
+def gateway_rss_mib(c: LocalCluster) -> float:
+    import psutil
+
+    apps = httpx.get(f"{c.dashboard_url}/api/serve/applications/", timeout=10).json()["applications"]
+    pids = [r["pid"] for d in apps["gateway"]["deployments"].values() for r in d["replicas"] if r.get("pid")]
+    return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
+
+
+def drained_after(port: int, t_stop: float) -> float:
+    def idle() -> bool:
+        status = httpx.get(f"http://127.0.0.1:{port}/v1/zeroserve/status", timeout=10).json()
+        row = next(m for m in status["models"] if m["id"] == MODEL)
+        return row["in_flight"] == 0 and row["queued"] == 0
+
+    wait(idle, 600)
+    return time.monotonic() - t_stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--users", type=int, default=48)
+    args = parser.parse_args()
+    rows = []
+    with cluster() as (c, port):
+        deploy(c, config(port, bounded=True), port)
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        body = {"model": MODEL, "input": ["what a wonderful day", "this is terrible"]}
+        wait(lambda: httpx.post(url, json=body, timeout=120).status_code == 200, 300)
+        single = []
+        for _ in range(20):
+            t = time.perf_counter()
+            httpx.post(url, json=body, timeout=60).raise_for_status()
+            single.append(time.perf_counter() - t)
+        target_s = max(0.5, 10 * statistics.median(single))
+        records, wall = locust(port, 8, 1000.0, 15)
+        capacity = sum(r["status"] == 200 for r in records) / wall
+        print(f"unloaded p50 {statistics.median(single) * 1000:.0f} ms; capacity {capacity:.1f} req/s", flush=True)
+        offered = 2 * capacity
+        for bounded in (True, False):
+            deploy(c, config(port, bounded), port)
+            wait(lambda: httpx.post(url, json=body, timeout=120).status_code == 200, 300)
+            time.sleep(3)
+            rss_before = gateway_rss_mib(c)
+            records, wall = locust(port, args.users, offered / args.users, args.seconds)
+            t_stop = time.monotonic()
+            rss_after = gateway_rss_mib(c)
+            drain = drained_after(port, t_stop)
+            ok = [r["ms"] / 1000 for r in records if r["status"] == 200]
+            shed = [r["ms"] / 1000 for r in records if r["status"] in (429, 503) and r["retry_after"]]
+            failed = len(records) - len(ok) - len(shed)
+            good = sum(1 for s in ok if s <= target_s)
+            row = {
+                "mode": "gateway limits (bounded queue)" if bounded else "limits lifted (unbounded queue)",
+                "sent": len(records),
+                "offered": len(records) / wall,
+                "ok": len(ok),
+                "shed": len(shed),
+                "failed": failed,
+                "goodput": good / wall,
+                "ok_p50": pct(ok, 50) if ok else float("nan"),
+                "ok_p99": pct(ok, 99) if ok else float("nan"),
+                "shed_p50": pct(shed, 50) if shed else float("nan"),
+                "shed_p99": pct(shed, 99) if shed else float("nan"),
+                "rss": f"{rss_before:.0f} → {rss_after:.0f}",
+                "drain": drain,
+            }
+            rows.append(row)
+            print(row, flush=True)
+    table = [
+        f"Machine: {machine()}.",
+        "",
+        f"Capacity of one warm tiny-sentiment replica (4 at a time): {capacity:.1f} req/s (closed loop, "
+        f"8 locust users, 15 s); unloaded p50 {statistics.median(single) * 1000:.0f} ms; latency target "
+        f"{target_s:.2f} s. Offered: {args.users} locust users pacing {offered:.1f} req/s in all (2x) "
+        f"for {args.seconds} s.",
+        "",
+        "| mode | sent | offered req/s | answered | shed (503/429 + Retry-After) | failed | goodput req/s "
+        "| answered p50 / p99 s | refusal p50 / p99 s | gateway RSS MiB before → after | drained after stop s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['mode']} | {r['sent']} | {r['offered']:.1f} | {r['ok']} | {r['shed']} | {r['failed']} | "
+            f"{r['goodput']:.1f} | {r['ok_p50']:.2f} / {r['ok_p99']:.2f} | {r['shed_p50']:.3f} / {r['shed_p99']:.3f} "
+            f"| {r['rss']} | {r['drain']:.1f} |"
+        )
+    write_section(DOC, "load", "\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

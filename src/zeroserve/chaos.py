@@ -1,0 +1,216 @@
+"""Faults on purpose, while a load runs: the reliability suite's other half.
+
+Each fault is what production does to a pool: a model replica's process killed
+(SIGKILL, as the OOM killer does), a gateway replica or the Serve controller killed
+through Ray (``ray.kill``, as a lost node or an operator does). :func:`run_faults` runs
+a bounded load (:mod:`zeroserve.loadgen`), injects the faults one after another while
+it flows, and times how long the pool takes to return to full service after each.
+
+``ray.kill`` runs in a short-lived child process (``python -m zeroserve.chaos kill``)
+so that the caller never becomes a Ray driver itself. Used by the integration tests
+(short) and ``bench/chaos.py`` (long, figures in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from zeroserve.cluster import LOOPBACK_ENV
+from zeroserve.loadgen import Shot, Tally, run_load
+
+__all__ = ["Fault", "FaultResult", "Pool", "ray_kill", "run_faults"]
+
+CONTROLLER = "SERVE_CONTROLLER_ACTOR"
+FaultKind = Literal["sigkill_model_replica", "ray_kill_gateway_replica", "ray_kill_controller"]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """How to reach a running zeroserve: its gateway and its Ray cluster."""
+
+    base_url: str
+    dashboard_url: str
+    ray_address: str
+
+    def details(self) -> dict[str, Any]:
+        resp = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10)
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+    def replicas(self, app: str, details: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        apps = (details or self.details()).get("applications", {})
+        if app not in apps:
+            return []
+        return [r for d in apps[app]["deployments"].values() for r in d["replicas"]]
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: FaultKind
+    app: str = ""  # the model (or "gateway") whose replica is hit
+
+
+@dataclass
+class FaultResult:
+    fault: Fault
+    at_s: float  # seconds into the load
+    recovered_s: float | None  # from the kill to full service; None: not within the bound
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    tally: Tally
+    faults: list[FaultResult] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def ray_kill(address: str, name: str, namespace: str = "serve") -> None:
+    """``ray.kill`` the named actor (it restarts if it may), from a child process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "zeroserve.chaos",
+        "kill",
+        "--address",
+        address,
+        "--name",
+        name,
+        "--namespace",
+        namespace,
+    ]
+    # The child reaches a loopback-only cluster at 127.0.0.1 (see zeroserve.cluster.LOOPBACK_ENV).
+    env = {LOOPBACK_ENV: "0", **os.environ}
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=env)
+
+
+def _running(pool: Pool, app: str) -> list[dict[str, Any]]:
+    return [r for r in pool.replicas(app) if r.get("state") == "RUNNING"]
+
+
+def _inject(pool: Pool, fault: Fault) -> tuple[Callable[[], bool], str]:
+    """Do the fault; return the check that says the pool is whole again, and what was hit."""
+    if fault.kind == "ray_kill_controller":
+        details = pool.details()
+        apps = set(details.get("applications", {}))
+        before = str(details.get("controller_info", {}).get("actor_id"))
+        ray_kill(pool.ray_address, CONTROLLER)
+
+        def back() -> bool:
+            now = pool.details()
+            running = all(a.get("status") == "RUNNING" for a in now.get("applications", {}).values())
+            return running and set(now.get("applications", {})) == apps
+
+        return back, f"controller {before[:8]}"
+    victims = _running(pool, fault.app)
+    if not victims:
+        raise RuntimeError(f"no running replica of {fault.app!r} to kill")
+    victim = victims[0]
+    wanted = len(victims)
+    if fault.kind == "sigkill_model_replica":
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+    else:
+        ray_kill(pool.ray_address, str(victim["actor_name"]))
+
+    def whole() -> bool:
+        running = _running(pool, fault.app)
+        return len(running) >= wanted and victim["replica_id"] not in {r["replica_id"] for r in running}
+
+    return whole, f"{fault.app} replica {victim['replica_id']} (pid {victim.get('pid')})"
+
+
+def _probe(pool: Pool, shots: list[Shot]) -> bool:
+    """One request of each kind answers: the pool serves again."""
+    tally = run_load(pool.base_url, shots, requests=len(shots), concurrency=1, timeout_s=60)
+    return tally.count("ok") == len(shots)
+
+
+def run_faults(
+    pool: Pool,
+    shots: list[Shot],
+    faults: list[Fault],
+    *,
+    requests: int,
+    concurrency: int,
+    recover_within_s: float = 120.0,
+    settle_s: float = 3.0,
+    log: Callable[[str], None] = lambda _: None,
+) -> Report:
+    """Run a load of at most ``requests`` and inject ``faults`` one after another while it flows.
+
+    After each fault the pool must come back whole (replicas replaced, controller back,
+    a request of every kind answered) before the next; the load keeps flowing all along.
+
+    Returns:
+        The load's outcomes and, per fault, when it hit and how long the pool took to recover.
+    """
+    stop = threading.Event()
+    result: dict[str, Tally] = {}
+    t0 = time.monotonic()
+
+    def load() -> None:
+        result["tally"] = run_load(pool.base_url, shots, requests=requests, concurrency=concurrency, stop=stop)
+
+    loader = threading.Thread(target=load, name="zeroserve-load", daemon=True)
+    loader.start()
+    report = Report(Tally())
+    try:
+        time.sleep(settle_s)
+        for fault in faults:
+            at = time.monotonic()
+            whole, what = _inject(pool, fault)
+            log(f"{at - t0:6.1f} s  {fault.kind}: {what}")
+            recovered: float | None = None
+            while time.monotonic() - at < recover_within_s:
+                try:
+                    if whole() and _probe(pool, shots):
+                        recovered = time.monotonic() - at
+                        break
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass  # the dashboard or the controller is still coming back
+                time.sleep(0.5)
+            log(f"        recovered in {recovered:.1f} s" if recovered is not None else "        NOT recovered")
+            report.faults.append(FaultResult(fault, at - t0, recovered, what))
+            if recovered is None:
+                break
+            time.sleep(settle_s)
+    finally:
+        # The load stops once every fault has been recovered from (or at its count, if sooner).
+        stop.set()
+        loader.join(timeout=600)
+    report.tally = result.get("tally", Tally())
+    report.duration_s = time.monotonic() - t0
+    return report
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m zeroserve.chaos")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    kill = sub.add_parser("kill", help="ray.kill a named actor (it restarts if it may)")
+    kill.add_argument("--address", required=True)
+    kill.add_argument("--name", required=True)
+    kill.add_argument("--namespace", default="serve")
+    args = parser.parse_args()
+    import ray
+
+    ray.init(address=args.address, namespace=args.namespace, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        ray.kill(ray.get_actor(args.name, namespace=args.namespace), no_restart=False)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    _main()
