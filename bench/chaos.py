@@ -107,6 +107,7 @@ def main() -> None:
         emb_args = next(a["args"] for a in config(port)["applications"] if a["name"] == EMB)
         broken = {**emb_args, "model": str(broken_dir), "autoscaling": {"min_replicas": 0, "max_replicas": 1}}
         deploy(c, config(port, {"broken": broken}), port)
+        wait(lambda: "broken" in httpx.get(f"{pool.base_url}/v1/models", timeout=10).text, 120)
         t0 = time.monotonic()
         resp = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": "broken", "input": "x"}, timeout=300)
         to_503 = time.monotonic() - t0

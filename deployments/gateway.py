@@ -112,11 +112,21 @@ class ServeBackend:
                 self._handles.pop(gone, None)
             return self._entries
 
-    def _handle(self, entry: ModelEntry) -> DeploymentHandle:
+    async def _handle(self, entry: ModelEntry) -> DeploymentHandle:
+        deployment = entry.deployment
+        while not deployment:
+            # The application exists but Serve has not created its deployment yet (a model deployed
+            # a moment ago). A handle to a deployment named "" would wait forever: wait for the
+            # name instead (the caller's bound applies).
+            await asyncio.sleep(0.5)
+            current = (await self.models(max_age_s=0.5)).get(entry.name)
+            if current is None:
+                raise ModelUnavailableError(f"model '{entry.name}' was removed", code="model_failed", retry_after_s=1)
+            deployment = current.deployment
         handle = self._handles.get(entry.name)
-        if handle is None:
+        if handle is None or handle.deployment_name != deployment:
             # The directory just read the app from the controller: no need to check again.
-            handle = serve.get_deployment_handle(entry.deployment, entry.name, _check_exists=False)
+            handle = serve.get_deployment_handle(deployment, entry.name, _check_exists=False)
             self._handles[entry.name] = handle
         return handle
 
@@ -128,13 +138,13 @@ class ServeBackend:
 
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         try:
-            return await self._handle(entry).embed.remote(list(texts), dimensions)  # type: ignore[no-any-return]
+            return await (await self._handle(entry)).embed.remote(list(texts), dimensions)  # type: ignore[no-any-return]
         except BaseException as err:
             raise _translate(err, entry, self.spec.retry_after_s) from None
 
     async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]:
         try:
-            return await self._handle(entry).classify.remote(list(texts))  # type: ignore[no-any-return]
+            return await (await self._handle(entry)).classify.remote(list(texts))  # type: ignore[no-any-return]
         except BaseException as err:
             raise _translate(err, entry, self.spec.retry_after_s) from None
 
@@ -147,7 +157,10 @@ class ServeBackend:
             yield item
 
     async def _stream(self, entry: ModelEntry, method: str, *args: Any) -> AsyncIterator[Any]:
-        handle = self._handle(entry).options(stream=True)
+        try:
+            handle = (await self._handle(entry)).options(stream=True)
+        except BaseException as err:
+            raise _translate(err, entry, self.spec.retry_after_s) from None
         response = getattr(handle, method).remote(*args)
         try:
             async for delta in response:

@@ -106,6 +106,25 @@ def test_broken_model_fails_clearly_and_the_others_keep_serving(pool: Pool, tmp_
     assert ok.status_code == 200, ok.text
 
 
+def test_a_request_racing_its_models_deploy_waits_and_is_answered(pool: Pool) -> None:
+    """Serve creates a new application's deployment a moment after the application: a request
+    in between must wait for it (bounded), not hold a handle to a deployment that never comes."""
+    base = _models(pool, (EMB,))
+    pool.deploy(pool.config(base))
+    late = _models(pool, (CLS,))
+    httpx.put(
+        f"{pool.cluster.dashboard_url}/api/serve/applications/", json=pool.config({**base, **late}), timeout=60
+    ).raise_for_status()
+    body = {"model": CLS, "input": "I love it"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        resp = httpx.post(f"{pool.base_url}/v1/classify", json=body, timeout=150)
+        if resp.status_code != 404:
+            break
+        time.sleep(0.05)
+    assert resp.status_code == 200, resp.text
+
+
 def test_twice_the_load_is_shed_with_retry_after_and_drains(pool: Pool) -> None:
     # One replica taking 2 at a time, 2 more may wait: at concurrency 12 most of the load is excess.
     models = _models(pool, (CLS,), max_ongoing_requests=2, max_queued_requests=2, autoscaling={"min_replicas": 1})
