@@ -214,7 +214,7 @@ class GatewaySpec(_Strict):
         default=180.0, gt=0, description="Longest a request waits for a cold model to wake."
     )
     request_timeout_s: float = Field(
-        default=300.0, gt=0, description="Longest a request waits once its model is awake."
+        default=300.0, gt=0, description="Longest a request waits once its model is awake, and for its body to arrive."
     )
     max_inflight_requests: int = Field(
         default=512, gt=0, description="Requests in the gateway at once before it sheds load."

@@ -17,6 +17,7 @@ __all__ = [
     "ModelUnavailableError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "EngineError",
     "AuthError",
     "ForbiddenError",
@@ -97,6 +98,13 @@ class WrongTaskError(InvalidRequestError):
 
 class PayloadTooLargeError(ZeroserveError):
     status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RequestTimeoutError(ZeroserveError):
+    """The client did not send its whole request in time (408)."""
+
+    status_code = 408
     error_type = "invalid_request_error"
 
 

@@ -4,15 +4,19 @@ Requests allow unknown fields (clients such as the ``openai`` package add new on
 over time) but refuse known fields whose values are out of range, and refuse the
 OpenAI options zeroserve does not implement rather than ignoring them silently.
 The classification route follows vLLM's ``/classify`` convention.
+
+The JSON schemas of the request models are the gateway's OpenAPI request bodies. Where a
+validator refuses what the field's type allows, the field carries a ``WithJsonSchema`` that
+says what is accepted, so the published schema matches the server.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 __all__ = [
     "ChatMessage",
@@ -27,6 +31,33 @@ __all__ = [
 
 MAX_STOP = 4
 MAX_INPUTS = 2048
+
+
+def _json_schema(schema: dict[str, Any], description: str) -> WithJsonSchema:
+    return WithJsonSchema({**schema, "description": description})
+
+
+_UNSUPPORTED = "Accepted for compatibility; only the values in this schema are supported."
+_ZERO_ONLY = _json_schema({"anyOf": [{"const": 0}, {"type": "null"}]}, _UNSUPPORTED)
+_STOP = _json_schema(
+    {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP},
+            {"type": "null"},
+        ]
+    },
+    f"Up to {MAX_STOP} non-empty stop sequences.",
+)
+_INPUTS = _json_schema(
+    {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_INPUTS},
+        ]
+    },
+    f"A text or a list of 1 to {MAX_INPUTS} texts (token ids are not supported).",
+)
 
 
 def new_id(prefix: str) -> str:
@@ -61,13 +92,13 @@ class _SamplingFields(_Request):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, _STOP] = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: Any = None
+    stream_options: dict[str, Any] | None = Field(default=None, description="Only allowed when stream is true.")
+    presence_penalty: Annotated[float | None, _ZERO_ONLY] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Annotated[float | None, _ZERO_ONLY] = Field(default=None, ge=-2, le=2)
+    logprobs: Annotated[Any, _json_schema({"enum": [None, False, 0]}, _UNSUPPORTED)] = None
 
     @field_validator("stop")
     @classmethod
@@ -79,6 +110,14 @@ class _SamplingFields(_Request):
             raise ValueError("stop sequences must not be empty")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        # A field validator (stream is validated first), so that the error names its param.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -86,8 +125,6 @@ class _SamplingFields(_Request):
                 raise ValueError(f"{name} is not supported by this server")
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs is not supported by this model's engine")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
         return self
 
     @property
@@ -104,10 +141,10 @@ class _SamplingFields(_Request):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["type", "text"]})
 
-    type: str
-    text: str | None = None
+    type: Annotated[str, _json_schema({"const": "text"}, "Only text parts are supported.")]
+    text: Annotated[str | None, WithJsonSchema({"type": "string"})] = None
 
 
 class ChatMessage(BaseModel):
@@ -134,7 +171,9 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
+    tools: Annotated[
+        list[Any] | None, _json_schema({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}, _UNSUPPORTED)
+    ] = None
     top_logprobs: int | None = None
 
     @model_validator(mode="after")
@@ -150,11 +189,22 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] = Field()
+    prompt: Annotated[
+        str | list[str],
+        _json_schema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 64},
+                ]
+            },
+            "A prompt or a list of 1 to 64 prompts.",
+        ),
+    ]
     max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: Annotated[bool, _json_schema({"const": False}, _UNSUPPORTED)] = False
+    suffix: Annotated[str | None, _json_schema({"anyOf": [{"const": ""}, {"type": "null"}]}, _UNSUPPORTED)] = None
+    best_of: Annotated[int | None, _json_schema({"anyOf": [{"const": 1}, {"type": "null"}]}, _UNSUPPORTED)] = None
 
     @field_validator("prompt")
     @classmethod
@@ -190,7 +240,7 @@ def _check_inputs(value: str | list[str]) -> str | list[str]:
 
 
 class EmbeddingRequest(_Request):
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Annotated[str | list[str] | list[int] | list[list[int]], _INPUTS]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
 
@@ -206,7 +256,7 @@ class EmbeddingRequest(_Request):
 
 
 class ClassifyRequest(_Request):
-    input: str | list[str]
+    input: Annotated[str | list[str], _INPUTS]
 
     _check = field_validator("input")(classmethod(lambda cls, v: _check_inputs(v)))
 

@@ -9,60 +9,16 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import pytest
 
-from zeroserve.config import GatewaySpec, ModelSpec
-from zeroserve.engines.base import Classification, Delta, Embedding
-from zeroserve.errors import InvalidRequestError
-from zeroserve.gateway import ModelEntry, ModelState, create_app
+from zeroserve.config import GatewaySpec
+from zeroserve.gateway import create_app
 from zeroserve.protocol import GenerateParams
 
-
-class FakeBackend:
-    def __init__(self) -> None:
-        self.entries = {
-            "emb": ModelEntry("emb", ModelSpec(task="embed", model="./e"), ModelState.READY, 1, replica_nodes=("n1",)),
-            "gen": ModelEntry("gen", ModelSpec(task="generate", model="./g", max_tokens_cap=64), ModelState.READY, 1),
-            "cls": ModelEntry("cls", ModelSpec(task="classify", model="./c"), ModelState.COLD),
-            "sleepy": ModelEntry(
-                "sleepy", ModelSpec(task="embed", model="./s", cold_start_timeout_s=0.3), ModelState.COLD
-            ),
-            "broken": ModelEntry("broken", None, ModelState.FAILED, message="weights missing"),
-            "boom": ModelEntry("boom", ModelSpec(task="embed", model="./b"), ModelState.READY, 1),
-        }
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.seen_params: list[GenerateParams] = []
-
-    async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
-        return self.entries
-
-    async def gpus(self) -> dict[str, float]:
-        return {"n1": 1.0}
-
-    async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
-        if entry.name == "sleepy":
-            await asyncio.sleep(5)
-        if entry.name == "boom":
-            raise RuntimeError("secret internal detail /etc/passwd")
-        await self.gate.wait()
-        return [Embedding([0.5, -1.0, float(len(t))], len(t.split()), gpu_s=0.1) for t in texts]
-
-    async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]:
-        return [Classification("positive", [0.25, 0.75], 2) for _ in texts]
-
-    async def stream(self, entry: ModelEntry, prompt: Any, params: GenerateParams) -> AsyncIterator[Delta]:
-        self.seen_params.append(params)
-        if isinstance(prompt, str) and "too long" in prompt:
-            raise InvalidRequestError("prompt too long", param="messages")
-        yield Delta(-1, prompt_tokens=3)
-        for i in range(params.n):
-            yield Delta(i, "Hel", completion_tokens=1)
-            yield Delta(i, "lo", "stop", completion_tokens=2)
+from .gateway_support import FakeBackend
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from zeroserve.config import GatewaySpec
 from zeroserve.gateway import create_app
 from zeroserve.quota import KeyRecord, SQLiteLedger, hash_key, new_key
 
-from .test_gateway_app import FakeBackend
+from .gateway_support import FakeBackend
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from zeroserve.config import GatewaySpec
 from zeroserve.engines.base import Delta, collect
@@ -34,12 +35,13 @@ from zeroserve.errors import (
     ModelUnavailableError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     WrongTaskError,
     ZeroserveError,
     error_body,
 )
 from zeroserve.gateway.backend import Backend, Prompt
-from zeroserve.gateway.fair import Dispatcher, FairShare, Grant
+from zeroserve.gateway.fair import Dispatcher, FairShare, Grant, QueueFull
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.telemetry import FanOut, NullObserver, Observer, RollingStats, WakeTracker
 from zeroserve.protocol import (
@@ -58,8 +60,18 @@ __all__ = ["create_app", "Admission"]
 
 logger = logging.getLogger("zeroserve.gateway")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Matched with fullmatch: "^...$" lets a trailing newline through into the echoed header.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Only a \u escape can put a UTF-16 surrogate into a body decoded as strict UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Deeper JSON is refused: a forwarded body is pickled on its way to a replica, and pickling a
+# few hundred levels exhausts the recursion limit there. OpenAI bodies (tool schemas included)
+# need far fewer.
+_MAX_JSON_DEPTH = 64
 _T = TypeVar("_T", bound=BaseModel)
+
+# How often a request waiting for a cold model checks that the model has not failed to start.
+_FAILURE_POLL_S = 1.0
 
 
 class Admission:
@@ -157,7 +169,7 @@ class _RequestIdMiddleware:
         for key, value in scope.get("headers", []):
             if key == b"x-request-id":
                 given = value.decode("latin-1")
-        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         start = time.perf_counter()
@@ -205,11 +217,44 @@ class _RequestIdMiddleware:
             )
 
 
-def _error_response(err: ZeroserveError, request_id: str | None = None) -> JSONResponse:
-    headers = err.headers()
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+def _error_response(err: ZeroserveError) -> JSONResponse:
+    # No X-Request-Id here: _RequestIdMiddleware (or Serve's proxy) adds it, once.
+    return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers())
+
+
+def _json_body(model_cls: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself, as ``model_cls`` validates it.
+
+    The handlers parse the body themselves (size limit, OpenAI-shaped 400s) instead of taking a
+    FastAPI body parameter, so the schema is given here; its ``$defs`` are inlined because an
+    OpenAPI document resolves ``$ref`` from its own root.
+    """
+    schema = model_cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node = {**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}}
+        return {key: inline(value) for key, value in node.items()}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def _nests_deeper(data: Any, limit: int) -> bool:
+    """Whether parsed JSON nests deeper than ``limit`` levels (a loop: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _pydantic_error(err: ValidationError) -> InvalidRequestError:
@@ -252,7 +297,7 @@ def create_app(
     # -- errors ------------------------------------------------------------------
     @app.exception_handler(ZeroserveError)
     async def _zeroserve_error(request: Request, err: ZeroserveError) -> JSONResponse:
-        return _error_response(err, getattr(request.state, "request_id", None))
+        return _error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -277,21 +322,42 @@ def create_app(
     # -- helpers -----------------------------------------------------------------
     async def read_json(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > spec.max_body_bytes:
+        # isascii: headers are decoded as latin-1, where "\xb2" (superscript two) passes isdigit but not int().
+        if length and length.isascii() and length.isdigit() and int(length) > spec.max_body_bytes:
             raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > spec.max_body_bytes:
-                raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
         try:
-            data = json.loads(bytes(body))
+            # A client that sends its body slowly, or never ends it, must not hold a handler forever.
+            async with asyncio.timeout(spec.request_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > spec.max_body_bytes:
+                        raise PayloadTooLargeError(f"request body over {spec.max_body_bytes} bytes")
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {spec.request_timeout_s:.0f} s", code="body_timeout"
+            ) from None
+        except ClientDisconnect:
+            # Nobody will read this answer; it keeps a client that hung up from counting as a server error.
+            raise InvalidRequestError("the client closed the connection before the body was complete") from None
+        try:
+            # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and -32, and let
+            # encoded surrogates through ("surrogatepass").
+            data = json.loads(bytes(body).decode("utf-8"))
+            if _SURROGATE_ESCAPE.search(body):
+                # Engines cannot encode a lone surrogate (a tokenizer raises); pairs such as emoji pass.
+                json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the body holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff)") from None
         except (UnicodeDecodeError, ValueError) as err:
             raise InvalidRequestError(f"the body is not valid JSON: {err}") from None
         except RecursionError:
             raise InvalidRequestError("the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the body must be a JSON object")
+        # Counting brackets is cheap, and spares almost every body the walk.
+        if body.count(b"[") + body.count(b"{") > _MAX_JSON_DEPTH and _nests_deeper(data, _MAX_JSON_DEPTH):
+            raise InvalidRequestError(f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
         return data
 
     def validate(data: dict[str, Any], model_cls: type[_T]) -> _T:
@@ -347,13 +413,23 @@ def create_app(
         capacity = entry.spec.max_ongoing_requests * max(1, entry.replicas, entry.target_replicas)
         grant.extra["capacity"] = capacity
         grant.extra["charge_id"] = uuid.uuid4().hex
+        # The model's own queue bound (max_queued_requests per replica) holds here, where requests
+        # wait: beyond it a request is shed at once instead of waiting out its timeout.
+        max_waiting = entry.spec.max_queued_requests * max(1, entry.replicas, entry.target_replicas)
         try:
             await asyncio.wait_for(
-                dispatcher.acquire(entry.name, capacity, grant.priority, grant.predicted_s), spec.request_timeout_s
+                dispatcher.acquire(entry.name, capacity, grant.priority, grant.predicted_s, max_waiting),
+                spec.request_timeout_s,
             )
         except BaseException as err:
             admission.release(entry.name)
             fair.release(grant)
+            if isinstance(err, QueueFull):
+                raise OverloadedError(
+                    f"model '{entry.name}' is saturated: {err.waiting} requests already wait for it; retry later",
+                    code="overloaded",
+                    retry_after_s=spec.retry_after_s,
+                ) from None
             if isinstance(err, TimeoutError):
                 raise OverloadedError(
                     f"model '{entry.name}' is saturated; retry later",
@@ -411,6 +487,31 @@ def create_app(
             retry_after_s=spec.retry_after_s,
         )
 
+    async def unless_failed(entry: ModelEntry, coro: Any) -> Any:
+        """Await a waking model's answer, but give up as soon as Serve says the model failed.
+
+        A request waiting for a replica is not told when Serve gives up starting one (its
+        constructor failed its bounded number of times): without this it would wait out the
+        whole cold-start bound for a model that will not come.
+        """
+        answer = asyncio.ensure_future(coro)
+        try:
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=_FAILURE_POLL_S)
+                if done:
+                    return answer.result()
+                current = (await backend.models(max_age_s=_FAILURE_POLL_S)).get(entry.name)
+                if current is None or current.state is ModelState.FAILED:
+                    reason = current.message if current is not None else "it was removed from the pool"
+                    raise ModelUnavailableError(
+                        f"model '{entry.name}' failed to start: {reason or 'see serve status'}",
+                        code="model_failed",
+                        retry_after_s=spec.retry_after_s * 6,
+                    )
+        finally:
+            if not answer.done():
+                answer.cancel()
+
     async def bounded(entry: ModelEntry, coro: Any) -> Any:
         # A cold model's first answer includes its wake-up; a ready one's does not.
         assert entry.spec is not None
@@ -420,7 +521,7 @@ def create_app(
             budget = entry.spec.cold_start_timeout_s or spec.cold_start_timeout_s
             wakes.begin(entry.name)
         try:
-            result = await asyncio.wait_for(coro, budget)
+            result = await asyncio.wait_for(coro if not cold else unless_failed(entry, coro), budget)
         except BaseException as err:
             wakes.abandon(entry.name)
             if isinstance(err, TimeoutError):
@@ -625,7 +726,9 @@ def create_app(
             fraction = entry.spec.gpu_fraction if entry.spec else 0.0
             for node in entry.replica_nodes:
                 used[node] = used.get(node, 0.0) + fraction
-            rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name)})
+            # In flight and waiting in this gateway replica (one of possibly several).
+            load = {"in_flight": admission.per_model[name], "queued": len(dispatcher.waiting.get(name, []))}
+            rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name), **load})
         pool = [
             {
                 "node": node,
@@ -657,7 +760,7 @@ def create_app(
             raise ModelNotFoundError(model)
         return model_card(entry)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=_json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> Any:
         data, head, entry = await resolve(request, "embed", "embeddings")
         if uses_engine_openai(entry):
@@ -714,8 +817,8 @@ def create_app(
         }
         return JSONResponse(body, headers=grant.headers(gpu_s))
 
-    app.add_api_route("/v1/classify", classify, methods=["POST"])
-    app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v1/classify", classify, methods=["POST"], openapi_extra=_json_body(ClassifyRequest))
+    app.add_api_route("/classify", classify, methods=["POST"], openapi_extra=_json_body(ClassifyRequest))
 
     async def first_delta(entry: ModelEntry, stream: AsyncIterator[Delta]) -> Delta:
         """Wait (bounded) until the model accepted the prompt: errors are still HTTP errors."""
@@ -905,11 +1008,11 @@ def create_app(
         )
         return await run_generation(request, req, entry, chat=chat)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await generation_route(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await generation_route(request, chat=False)
 
