@@ -5,8 +5,8 @@ replicas: a mixed load of up to --requests requests (embeddings, classification,
 and completions, streamed and not) while each fault kind is injected --rounds times
 (SIGKILL of a model replica, ray.kill of a gateway replica, ray.kill of the Serve
 controller); per fault kind the time back to full service. Then a model whose
-constructor fails (time to its clear 503, attempts), a rolling redeploy under load,
-and a stop with streams in flight.
+constructor fails (time to its clear 503), a rolling redeploy under load, and
+schemathesis against the live gateway and its real engines.
 
     .venv/bin/python bench/chaos.py [--requests 2000] [--rounds 2]
 """
@@ -14,6 +14,8 @@ and a stop with streams in flight.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -63,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--fuzz", type=int, default=30, help="schemathesis examples per operation and mode")
     args = parser.parse_args()
     lines = [f"Machine: {machine()}.", ""]
     with cluster() as (c, port):
@@ -151,6 +154,27 @@ def main() -> None:
             row(f"tiny-llama replaced by a new version ({swap:.1f} s to swap)", out["t"]),
         ]
         print(out["t"].summary())
+
+        # Hostile input against the live gateway and real engines, then: does it still serve?
+        fuzz = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "fuzz.py"), "--url", pool.base_url, "--examples", str(args.fuzz)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        after = run_load(pool.base_url, MIX, requests=10, concurrency=2)
+        fuzz_lines = [line for line in fuzz.stdout.splitlines() if not line.startswith("machine:")]
+        lines += [
+            "",
+            f"### Fuzzing the live gateway ({args.fuzz} examples per operation and mode)",
+            "",
+            "```",
+            *fuzz_lines[-12:],
+            "```",
+            "",
+            f"Afterwards: {after.count('ok')}/{after.sent} requests of every kind answered.",
+        ]
+        print(fuzz.stdout, fuzz.stderr[-2000:])
     write_section(DOC, "chaos", "\n".join(lines))
     print("\n".join(lines))
 

@@ -19,6 +19,7 @@ from ray.serve import Application
 from deployments.metrics import ReplicaMetrics
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
+from zeroserve.errors import ModelUnavailableError
 from zeroserve.gateway.telemetry import BusyClock
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
@@ -66,14 +67,36 @@ class ModelServer:
     def check_health(self) -> None:
         self.engine.health()
 
+    def _unavailable_if_dead(self, err: Exception) -> Exception:
+        """A request that failed because the engine died is a 503 to retry, not a 500.
+
+        Serve replaces the replica once its health check fails (vLLM's engine core killed,
+        a CUDA error that poisons the process); until then requests fail fast and clearly.
+        """
+        try:
+            self.engine.health()
+        except Exception as dead:  # noqa: BLE001 - any health failure means the engine is gone
+            return ModelUnavailableError(
+                f"model '{self.name}' lost its engine ({dead}); its replica is being replaced, retry",
+                code="engine_dead",
+                retry_after_s=5,
+            )
+        return err
+
     # -- embeddings and classification: batched across requests ------------------
     async def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
         self.engine.check_inputs(texts, dimensions)
-        return await self._embed_batch(list(texts))
+        try:
+            return await self._embed_batch(list(texts))
+        except Exception as err:
+            raise self._unavailable_if_dead(err) from None
 
     async def classify(self, texts: Sequence[str]) -> list[Classification]:
         self.engine.check_inputs(texts)
-        return await self._classify_batch(list(texts))
+        try:
+            return await self._classify_batch(list(texts))
+        except Exception as err:
+            raise self._unavailable_if_dead(err) from None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[list[Embedding]]:
@@ -110,6 +133,8 @@ class ModelServer:
         try:
             async for delta in self.engine.stream(text, params):
                 yield delta
+        except Exception as err:
+            raise self._unavailable_if_dead(err) from None
         finally:
             engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
             self.busy.exit()
@@ -130,6 +155,8 @@ class ModelServer:
             if first[0] == "sse":
                 async for chunk in coalesce(stream):
                     yield chunk
+        except Exception as err:
+            raise self._unavailable_if_dead(err) from None
         finally:
             engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
             self.busy.exit()

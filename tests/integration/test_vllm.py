@@ -121,3 +121,38 @@ def test_vllm_model_scales_to_zero_and_wakes(vllm_pool: Pool) -> None:
     wait_for(lambda: vllm_pool.replicas(VLLM) == [], 120, "the vLLM model to scale to zero")
     out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
     assert out.choices[0].text
+
+
+def test_a_dead_engine_core_fails_health_and_the_replica_is_replaced(vllm_pool: Pool) -> None:
+    """vLLM's engine core is its own process; when it dies (OOM killer, a crash) the replica's
+    health check fails and Serve replaces the replica. Requests meanwhile get a clear error."""
+    import signal
+
+    import httpx
+    import psutil
+
+    # Held at one replica: a replacement can only come from the failure, not from traffic.
+    held = {VLLM: {**_demo_models(vllm_pool)[VLLM], "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+    vllm_pool.deploy(vllm_pool.config(held), timeout_s=300)
+    wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
+    client = vllm_pool.openai(timeout=300)
+    assert client.completions.create(model=VLLM, prompt="The", max_tokens=2).choices[0].text
+    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
+    cores = psutil.Process(replica["pid"]).children(recursive=True)
+    assert cores, "the vLLM engine core runs in a child process of the replica"
+    for proc in cores:
+        proc.send_signal(signal.SIGKILL)
+
+    body = {"model": VLLM, "prompt": "The", "max_tokens": 2}
+    resp = httpx.post(f"{vllm_pool.base_url}/v1/completions", json=body, timeout=120)
+    assert resp.status_code in (200, 503), resp.text  # 200 only if the replacement already serves
+    if resp.status_code == 503:
+        assert int(resp.headers["retry-after"]) > 0 and VLLM in resp.json()["error"]["message"]
+
+    def replaced() -> bool:
+        ids = vllm_pool.running_replica_ids(VLLM)
+        return bool(ids) and replica["replica_id"] not in ids
+
+    wait_for(replaced, 240, "Serve to replace the replica whose health check failed")
+    out = client.completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
+    assert out.choices[0].text
