@@ -27,16 +27,10 @@ import httpx
 from common import ROOT, cluster, demo_config, deploy, machine, wait, write_section
 
 from zeroserve.chaos import Fault, Pool, run_faults
-from zeroserve.loadgen import Shot, Tally, run_load
+from zeroserve.loadgen import Tally, mixed, run_load
 
 EMB, GEN, CLS = "all-MiniLM-L6-v2", "tiny-llama", "tiny-sentiment"
-MIX = [
-    Shot("embed", EMB),
-    Shot("chat_stream", GEN),
-    Shot("classify", CLS),
-    Shot("chat", GEN),
-    Shot("completion_stream", GEN),
-]
+MIX = mixed(EMB, GEN, CLS)
 DOC = ROOT / "docs" / "reliability.md"
 
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["Kind", "Outcome", "Shot", "Tally", "judge_json", "judge_sse", "require_loopback", "run_load"]
+__all__ = ["Kind", "Outcome", "Shot", "Tally", "judge_json", "judge_sse", "mixed", "require_loopback", "run_load"]
 
 Kind = Literal["embed", "classify", "chat", "chat_stream", "completion_stream"]
 Verdict = Literal["ok", "retryable", "lost"]
@@ -81,6 +81,17 @@ class Tally:
             "lost": self.count("lost"),
             "reasons": dict(self.reasons()),
         }
+
+
+def mixed(embed: str, generate: str, classify: str) -> list[Shot]:
+    """Every kind of request over three models: the reliability suite's default mix."""
+    return [
+        Shot("embed", embed),
+        Shot("chat_stream", generate),
+        Shot("classify", classify),
+        Shot("chat", generate),
+        Shot("completion_stream", generate),
+    ]
 
 
 def require_loopback(base_url: str) -> None:

@@ -17,7 +17,7 @@ import httpx
 
 from zeroserve.chaos import Fault, run_faults
 from zeroserve.chaos import Pool as ChaosPool
-from zeroserve.loadgen import Shot, run_load
+from zeroserve.loadgen import Shot, mixed, run_load
 
 from .conftest import Pool, wait_for
 
@@ -25,13 +25,7 @@ EMB = "all-MiniLM-L6-v2"
 GEN = "tiny-llama"
 CLS = "tiny-sentiment"
 
-MIX = [
-    Shot("embed", EMB),
-    Shot("chat_stream", GEN),
-    Shot("classify", CLS),
-    Shot("chat", GEN),
-    Shot("completion_stream", GEN),
-]
+MIX = mixed(EMB, GEN, CLS)
 
 
 def _models(pool: Pool, names: tuple[str, ...], **overrides: Any) -> dict[str, dict[str, Any]]:

@@ -424,15 +424,10 @@ def create_app(
         except BaseException as err:
             admission.release(entry.name)
             fair.release(grant)
-            if isinstance(err, QueueFull):
+            if isinstance(err, QueueFull | TimeoutError):
+                why = f": {err.waiting} requests already wait for it" if isinstance(err, QueueFull) else ""
                 raise OverloadedError(
-                    f"model '{entry.name}' is saturated: {err.waiting} requests already wait for it; retry later",
-                    code="overloaded",
-                    retry_after_s=spec.retry_after_s,
-                ) from None
-            if isinstance(err, TimeoutError):
-                raise OverloadedError(
-                    f"model '{entry.name}' is saturated; retry later",
+                    f"model '{entry.name}' is saturated{why}; retry later",
                     code="overloaded",
                     retry_after_s=spec.retry_after_s,
                 ) from None
