@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import gevent
 from locust import FastHttpUser, constant_throughput, events, task
 
 RECORD = open(os.environ["ZS_RECORD"], "a", buffering=1)  # noqa: SIM115 - one file for the whole run
@@ -27,12 +28,20 @@ def _record(
     RECORD.write(json.dumps({"status": status, "ms": response_time, "retry_after": retry_after}) + "\n")
 
 
+HONOUR_RETRY_AFTER = os.environ.get("ZS_HONOUR_RETRY_AFTER") == "1"
+
+
 class Classifier(FastHttpUser):
     wait_time = constant_throughput(float(os.environ.get("ZS_USER_RATE", "1")))
 
     @task
     def classify(self) -> None:
+        retry_after = 0.0
         with self.client.post("/v1/classify", json=BODY, catch_response=True) as resp:
             # A refusal with Retry-After is the gateway working as designed, not a client failure.
             if resp.status_code in (429, 503) and resp.headers.get("retry-after"):
                 resp.success()
+                retry_after = float(resp.headers["retry-after"])
+        if HONOUR_RETRY_AFTER and retry_after:
+            # What the openai client does with a 429/503: wait as told before the next request.
+            gevent.sleep(retry_after)

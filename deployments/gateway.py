@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -68,49 +69,72 @@ def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> Bas
 class ServeBackend:
     """The gateway's view of Serve: a cached model directory and one handle per model."""
 
-    def __init__(self, spec: GatewaySpec) -> None:
+    def __init__(self, spec: GatewaySpec, client: Any = None) -> None:
         self.spec = spec
+        self._client = client  # Serve's controller client; the replica's own when None
         self._entries: dict[str, ModelEntry] | None = None
         self._fetched_at = 0.0
         self._failed_at = -1e9
-        self._lock = asyncio.Lock()
+        # One controller read at a time, in its own thread: a read blocked on a dead controller
+        # (Ray retries it until the controller is back) holds that thread only, never the
+        # default executor that the key ledger uses, and never a second thread.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="zeroserve-directory")
+        self._pending: asyncio.Future[dict[str, ModelEntry]] | None = None
+        self._pending_since = 0.0
         self._handles: dict[str, DeploymentHandle] = {}
 
     async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
-        age = time.monotonic() - self._fetched_at
+        """The model directory, at most ``max_age_s`` old (the discovery TTL; 0 with ``refresh``).
+
+        While the Serve controller is down (it restarts; replicas and handles keep serving) the
+        last directory is used: after one read has taken ``_CONTROLLER_TIMEOUT_S``, callers get the
+        cached directory at once until a read succeeds again.
+
+        Raises:
+            ModelUnavailableError: no directory was ever read and the controller does not answer.
+        """
+        now = time.monotonic()
         limit = max_age_s if max_age_s is not None else (0.0 if refresh else self.spec.discovery_ttl_s)
-        if self._entries is not None and age < limit:
+        if self._entries is not None and now - self._fetched_at < limit:
             return self._entries
-        async with self._lock:
-            started = time.monotonic()
-            if self._entries is not None and self._fetched_at >= started - 0.05 and limit > 0:
-                return self._entries
-            if self._entries is not None and started - self._failed_at < _CONTROLLER_BACKOFF_S:
-                return self._entries  # the controller failed a moment ago: do not queue on it again
-            client = serve.context._get_global_client()
-            assert client is not None, "not running inside a Serve application"
-            try:
-                details = await asyncio.wait_for(asyncio.to_thread(client.get_serve_details), _CONTROLLER_TIMEOUT_S)
-            except Exception as err:  # noqa: BLE001 - the controller restarts; replicas keep serving
-                if self._entries is None:
-                    raise ModelUnavailableError(
-                        "the pool's directory of models is unreachable (the Serve controller is restarting); retry",
-                        code="controller_unavailable",
-                        retry_after_s=self.spec.retry_after_s,
-                    ) from None
-                # Serve's data plane does not need the controller: keep routing on the last view.
-                self._failed_at = time.monotonic()
-                logger.warning(
-                    "could not read the Serve controller (%s); using the model list from %.0f s ago",
-                    type(err).__name__,
-                    time.monotonic() - self._fetched_at,
-                )
-                return self._entries
-            self._entries = entries_from_details(details)
-            self._fetched_at = time.monotonic()
-            for gone in set(self._handles) - set(self._entries):
-                self._handles.pop(gone, None)
+        stuck = self._pending is not None and not self._pending.done()
+        if self._entries is not None and (
+            now - self._failed_at < _CONTROLLER_BACKOFF_S
+            or (stuck and now - self._pending_since > _CONTROLLER_TIMEOUT_S)
+        ):
+            return self._entries  # the controller is not answering: do not queue on it again
+        if not stuck:
+            self._pending = asyncio.ensure_future(self._read())
+            self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # read by someone
+            self._pending_since = now
+        assert self._pending is not None
+        try:
+            # Concurrent callers share one read; a caller that gives up does not cancel it.
+            return await asyncio.wait_for(asyncio.shield(self._pending), _CONTROLLER_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - the controller restarts; replicas keep serving
+            self._failed_at = time.monotonic()
+            if self._entries is None:
+                raise ModelUnavailableError(
+                    "the pool's directory of models is unreachable (the Serve controller is restarting); retry",
+                    code="controller_unavailable",
+                    retry_after_s=self.spec.retry_after_s,
+                ) from None
+            logger.warning(
+                "could not read the Serve controller (%s); using the model list from %.0f s ago",
+                type(err).__name__,
+                time.monotonic() - self._fetched_at,
+            )
             return self._entries
+
+    async def _read(self) -> dict[str, ModelEntry]:
+        client = self._client or serve.context._get_global_client()
+        assert client is not None, "not running inside a Serve application"
+        details = await asyncio.get_running_loop().run_in_executor(self._reader, client.get_serve_details)
+        self._entries = entries_from_details(details)
+        self._fetched_at = time.monotonic()
+        for gone in set(self._handles) - set(self._entries):
+            self._handles.pop(gone, None)
+        return self._entries
 
     async def _handle(self, entry: ModelEntry) -> DeploymentHandle:
         deployment = entry.deployment

@@ -76,6 +76,7 @@ class ModelServer:
         try:
             self.engine.health()
         except Exception as dead:  # noqa: BLE001 - any health failure means the engine is gone
+            logger.warning("request failed on a dead engine (%s): %r", dead, err)
             return ModelUnavailableError(
                 f"model '{self.name}' lost its engine ({dead}); its replica is being replaced, retry",
                 code="engine_dead",

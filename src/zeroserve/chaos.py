@@ -68,6 +68,7 @@ class FaultResult:
     at_s: float  # seconds into the load
     recovered_s: float | None  # from the kill to full service; None: not within the bound
     detail: str = ""
+    under_load: bool = True  # the load was still flowing when the fault hit
 
 
 @dataclass
@@ -92,7 +93,7 @@ def ray_kill(address: str, name: str, namespace: str = "serve") -> None:
         namespace,
     ]
     # The child reaches a loopback-only cluster at 127.0.0.1 (see zeroserve.cluster.LOOPBACK_ENV).
-    env = {LOOPBACK_ENV: "0", **os.environ}
+    env = {**os.environ, LOOPBACK_ENV: "0"}
     subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=env)
 
 
@@ -170,6 +171,7 @@ def run_faults(
         time.sleep(settle_s)
         for fault in faults:
             at = time.monotonic()
+            under_load = loader.is_alive()
             whole, what = _inject(pool, fault)
             log(f"{at - t0:6.1f} s  {fault.kind}: {what}")
             recovered: float | None = None
@@ -182,7 +184,7 @@ def run_faults(
                     pass  # the dashboard or the controller is still coming back
                 time.sleep(0.5)
             log(f"        recovered in {recovered:.1f} s" if recovered is not None else "        NOT recovered")
-            report.faults.append(FaultResult(fault, at - t0, recovered, what))
+            report.faults.append(FaultResult(fault, at - t0, recovered, what, under_load))
             if recovered is None:
                 break
             time.sleep(settle_s)

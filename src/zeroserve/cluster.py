@@ -22,6 +22,7 @@ needs ``start_local(..., loopback_only=False)``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -52,6 +53,8 @@ __all__ = [
 #: ``ray`` is imported). "0" keeps a loopback node IP as it is instead of replacing it with
 #: the machine's IP, in ``ray start`` and in ``ray.init(address=...)`` alike.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+logger = logging.getLogger("zeroserve.cluster")
 
 
 @dataclass(frozen=True)
@@ -320,25 +323,43 @@ def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None
     """Take the gateway out of service gracefully; return how long it took (None: no gateway).
 
     The gateway application alone is removed (the models and Serve's proxies stay): Serve
-    routes no new request to it, and each gateway replica finishes the requests it holds,
-    streams included, within its ``shutdown_grace_s`` before it exits. Only then is the
-    cluster stopped, so stopping does not cut anyone's answer short.
+    routes no new request to it (those get the proxy's 404: the pool is stopping), and each
+    gateway replica finishes the requests it holds, streams included, within its
+    ``shutdown_grace_s`` before it exits. Only then is the cluster stopped, so stopping does
+    not cut anyone's answer short.
+
+    Raises:
+        TimeoutError: the gateway was still there after ``timeout_s``.
     """
+    from zeroserve.config import GATEWAY_BUILDER
+
+    def gateways(details: object) -> set[str]:
+        apps = (details.get("applications") or {}) if isinstance(details, dict) else {}
+        return {
+            n for n, a in apps.items() if (a.get("deployed_app_config") or {}).get("import_path") == GATEWAY_BUILDER
+        }
+
     started = time.monotonic()
     details = _dashboard(cluster, "GET")
-    apps = details.get("applications") or {} if isinstance(details, dict) else {}
-    if "gateway" not in apps:
+    names = gateways(details)
+    if not names:
         return None
     assert isinstance(details, dict)
-    http = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port", "root_path")}
-    rest = [a["deployed_app_config"] for n, a in apps.items() if n != "gateway" and a.get("deployed_app_config")]
-    _dashboard(cluster, "PUT", {"http_options": http, "applications": rest}, timeout_s=60)
+    # The same config as deployed, less the gateway: nothing else is redeployed.
+    config = {
+        k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity") if details.get(k)
+    }
+    config["applications"] = [
+        a["deployed_app_config"]
+        for n, a in details["applications"].items()
+        if n not in names and a.get("deployed_app_config")
+    ]
+    _dashboard(cluster, "PUT", config, timeout_s=60)
     while time.monotonic() - started < timeout_s:
-        current = _dashboard(cluster, "GET")
-        if "gateway" not in ((current.get("applications") or {}) if isinstance(current, dict) else {}):
+        if not gateways(_dashboard(cluster, "GET")) & names:
             return time.monotonic() - started
         time.sleep(0.5)
-    return time.monotonic() - started
+    raise TimeoutError(f"the gateway still had requests to finish after {timeout_s:.0f} s")
 
 
 def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool:
@@ -357,8 +378,8 @@ def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool
     if cluster is not None and _alive(cluster.pid) and drain_s > 0:
         try:
             drain_gateway(cluster, drain_s)
-        except (OSError, ValueError) as err:  # a cluster half up: stop it anyway
-            print(f"could not drain the gateway ({err}); stopping anyway", file=sys.stderr)
+        except (OSError, ValueError) as err:  # a cluster half up, or a drain past its bound: stop anyway
+            logger.warning("could not drain the gateway (%s); stopping anyway", err)
     if nodes.is_file():
         for line in nodes.read_text().split():
             _stop_group(int(line), grace_s)

@@ -34,6 +34,9 @@ Kind = Literal["embed", "classify", "chat", "chat_stream", "completion_stream"]
 Verdict = Literal["ok", "retryable", "lost"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# Error types (OpenAI's "type") of the refusals a client should retry: 503 and 429 in HTTP.
+# An "internal_error" event on a stream is a server failure, not a refusal.
+_RETRYABLE_TYPES = {"service_unavailable", "server_overloaded", "rate_limit_error"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,10 @@ def judge_sse(lines: Iterable[str]) -> tuple[Verdict, str]:
         except ValueError:
             return "lost", "an SSE event that is not JSON"
         if isinstance(event, dict) and "error" in event:
-            error = str((event["error"] or {}).get("code"))
+            detail = event["error"] if isinstance(event["error"], dict) else {}
+            if detail.get("type") not in _RETRYABLE_TYPES:
+                return "lost", f"SSE error event {detail.get('type')} {detail.get('code')}"
+            error = str(detail.get("code"))
         else:
             chunks += 1
     if error is not None:

@@ -10,7 +10,8 @@ into what the gateway itself sends for a lost replica:
 
 - nothing sent yet: a 503 with ``Retry-After`` and an OpenAI error body;
 - an event stream cut short: an SSE ``error`` event, then ``data: [DONE]``;
-- any 503 without ``Retry-After`` (Serve's own "no replica" answer): the header added.
+- Serve's own plain-text 503s ("no replica", back-pressure): the OpenAI error shape with
+  ``Retry-After``, and any other 503 without ``Retry-After``: the header added.
 
 It is plain ASGI (no Ray import) so it is unit-tested with a fake app.
 """
@@ -21,6 +22,8 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from zeroserve.errors import error_body
 
 __all__ = ["ProxyFailsafe", "middlewares"]
 
@@ -36,8 +39,9 @@ RETRY_AFTER_S = 1
 _MESSAGE = "the gateway replica handling this request stopped before it answered; retry"
 
 
-def _error(code: str) -> dict[str, Any]:
-    return {"error": {"message": _MESSAGE, "type": "service_unavailable", "param": None, "code": code}}
+def _request_id(scope: Scope) -> bytes | None:
+    """The id Serve's RequestIdMiddleware (inside this one) put into the request's headers."""
+    return next((bytes(v) for k, v in scope.get("headers") or [] if bytes(k).lower() == b"x-request-id"), None)
 
 
 class ProxyFailsafe:
@@ -61,18 +65,30 @@ class ProxyFailsafe:
                 disconnected = True
             return message
 
+        plain_503: bytearray | None = None  # the text of one of Serve's own 503s, being rewritten
+
         async def guarded_send(message: Message) -> None:
-            nonlocal started, finished, sse
+            nonlocal started, finished, sse, plain_503
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers") or [])
-                names = {bytes(k).lower() for k, _ in headers}
-                if message["status"] == 503 and b"retry-after" not in names:
-                    headers.append((b"retry-after", self.retry_after))
-                    message = {**message, "headers": headers}
-                sse = any(bytes(k).lower() == b"content-type" and b"text/event-stream" in bytes(v) for k, v in headers)
+                content_type = next((bytes(v) for k, v in headers if bytes(k).lower() == b"content-type"), b"")
+                sse = b"text/event-stream" in content_type
                 started = True
+                if message["status"] == 503 and b"application/json" not in content_type:
+                    plain_503 = bytearray()  # Serve's text: the client gets the OpenAI shape instead
+                    return
+            elif plain_503 is not None:
+                plain_503 += message.get("body", b"")
+                if not message.get("more_body", False):
+                    finished = True
+                    await self._unavailable(send, scope, "unavailable", plain_503.decode(errors="replace")[:500])
+                return
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers") or [])
+                if all(bytes(k).lower() != b"retry-after" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"retry-after", self.retry_after)]}
             await send(message)
 
         try:
@@ -83,28 +99,31 @@ class ProxyFailsafe:
 
     async def _finish(self, send: Send, started: bool, sse: bool, scope: Scope) -> None:
         path = scope.get("path", "")
+        request_id = _request_id(scope)
         try:
             if not started:
-                logger.warning("no answer from the gateway for %s: sending 503", path)
-                body = json.dumps(_error("gateway_replica_died")).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 503,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", self.retry_after),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                logger.warning("[%s] no answer from the gateway for %s: sending 503", request_id, path)
+                await self._unavailable(send, scope, "gateway_replica_died", _MESSAGE)
             elif sse:
-                logger.warning("stream for %s cut short: closing it with an error event", path)
-                tail = f"data: {json.dumps(_error('gateway_replica_died'))}\n\ndata: [DONE]\n\n".encode()
+                logger.warning("[%s] stream for %s cut short: closing it with an error event", request_id, path)
+                event = error_body(_MESSAGE, "service_unavailable", code="gateway_replica_died")
+                tail = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         except Exception:  # noqa: BLE001 - the client is gone; nothing more to tell it
             logger.debug("could not finish the response for %s", path, exc_info=True)
+
+    async def _unavailable(self, send: Send, scope: Scope, code: str, message: str) -> None:
+        """A whole 503 in the OpenAI error shape, with Retry-After and the request's id."""
+        body = json.dumps(error_body(message, "service_unavailable", code=code)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", self.retry_after),
+        ]
+        if (request_id := _request_id(scope)) is not None:
+            headers.append((b"x-request-id", request_id))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def middlewares() -> list[Any]:

@@ -7,6 +7,8 @@ binds ``[::]:0`` (ray/serve/_private/replica.py). docs/security.md says what tha
 
 from __future__ import annotations
 
+from collections import Counter
+
 import httpx
 import psutil
 
@@ -16,8 +18,8 @@ EMB = "all-MiniLM-L6-v2"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
-def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
-    """Listening sockets of the head process and everything it started (workers, agents, proxy)."""
+def _listeners(head_pid: int) -> list[tuple[str, int, int, str]]:
+    """Listening sockets (ip, port, pid, title) of the head process and everything it started."""
     head = psutil.Process(head_pid)
     found = []
     for proc in [head, *head.children(recursive=True)]:
@@ -25,7 +27,7 @@ def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
             title = " ".join(proc.cmdline())[:80]
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
-                    found.append((conn.laddr.ip, conn.laddr.port, title))
+                    found.append((conn.laddr.ip, conn.laddr.port, proc.pid, title))
         except psutil.Error:
             continue
     return found
@@ -39,12 +41,17 @@ def test_only_loopback_beyond_the_replicas_grpc(pool: Pool) -> None:
     wait_for(lambda: pool.running_replica_ids(EMB), 30, "a running replica")
 
     listeners = _listeners(pool.cluster.pid)
-    ports = {port for _, port, _ in listeners}
+    ports = {port for _, port, _, _ in listeners}
     # The ones the user sees are among them, on loopback.
     for port in (pool.http_port, pool.cluster.gcs_port, pool.cluster.dashboard_port):
         assert port in ports, f"nothing of the cluster listens on {port}"
-    exposed = [(ip, port, title) for ip, port, title in listeners if ip not in LOOPBACK]
-    beyond_replicas = [x for x in exposed if "ServeReplica" not in x[2]]
-    assert beyond_replicas == [], f"listening beyond loopback: {beyond_replicas}"
-    # The known exception is exactly the replicas' gRPC servers, one per replica.
-    assert all(ip in ("::", "0.0.0.0") for ip, _, _ in exposed), exposed
+    exposed = [(ip, port, pid, title) for ip, port, pid, title in listeners if ip not in LOOPBACK]
+    # The known exception is exactly one gRPC server per Serve replica process, on every interface.
+    replicas = [
+        r for app in pool.details()["applications"].values() for d in app["deployments"].values() for r in d["replicas"]
+    ]
+    per_pid = Counter(pid for _, _, pid, _ in exposed)
+    assert set(per_pid) <= {r["pid"] for r in replicas}, exposed
+    assert {r["pid"] for r in replicas if r["state"] == "RUNNING"} <= set(per_pid), exposed
+    assert set(per_pid.values()) == {1}, exposed
+    assert all(ip in ("::", "0.0.0.0") and "ServeReplica" in title for ip, _, _, title in exposed), exposed

@@ -55,15 +55,16 @@ def test_kills_during_load_lose_no_request(pool: Pool) -> None:
         Fault("ray_kill_controller"),
         Fault("sigkill_model_replica", EMB),
     ]
-    report = run_faults(_chaos(pool), MIX, faults, requests=600, concurrency=4, recover_within_s=120)
+    # At most 2000 requests; the load stops a few seconds after the last fault's recovery.
+    report = run_faults(_chaos(pool), MIX, faults, requests=2000, concurrency=4, recover_within_s=120)
 
     tally = report.tally
     assert len(report.faults) == len(faults)
     for result in report.faults:
         assert result.recovered_s is not None, f"{result.fault} not recovered: {result.detail}"
+        assert result.under_load, f"{result.fault} hit after the load had ended"
     assert tally.count("lost") == 0, _explain(tally)
     assert tally.count("ok") > tally.sent // 2, _explain(tally)
-    assert tally.sent >= 50, _explain(tally)  # the faults really happened under load
     # Whole again: every model answers through both gateway replicas.
     assert run_load(pool.base_url, MIX * 2, requests=10, concurrency=2).count("ok") == 10
 
@@ -160,12 +161,12 @@ def test_rolling_redeploy_under_traffic_loses_nothing(pool: Pool) -> None:
     )
     loader.start()
     try:
-        time.sleep(2)
+        time.sleep(2)  # traffic flows before the redeploy (a duration of load, not a wait for a state)
         # A new version of tiny-llama (a different cap): Serve replaces its replica, one at a time.
         changed = {**models, GEN: {**models[GEN], "max_tokens_cap": 128}}
         pool.deploy(pool.config(changed))
         wait_for(lambda: (ids := pool.running_replica_ids(GEN)) and not (ids & before), 120, "the new replica")
-        time.sleep(3)
+        time.sleep(3)  # and keeps flowing to the new version for a while
     finally:
         stop.set()
         loader.join(timeout=180)

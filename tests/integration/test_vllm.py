@@ -147,7 +147,9 @@ def test_a_dead_engine_core_fails_health_and_the_replica_is_replaced(vllm_pool: 
     resp = httpx.post(f"{vllm_pool.base_url}/v1/completions", json=body, timeout=120)
     assert resp.status_code in (200, 503), resp.text  # 200 only if the replacement already serves
     if resp.status_code == 503:
-        assert int(resp.headers["retry-after"]) > 0 and VLLM in resp.json()["error"]["message"]
+        error = resp.json()["error"]
+        assert int(resp.headers["retry-after"]) > 0 and VLLM in error["message"]
+        assert error["code"] in ("engine_dead", "replica_died"), error
 
     def replaced() -> bool:
         ids = vllm_pool.running_replica_ids(VLLM)

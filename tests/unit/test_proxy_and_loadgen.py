@@ -13,7 +13,7 @@ from zeroserve.proxy import ProxyFailsafe, middlewares
 
 
 def _scope(path: str = "/v1/chat/completions") -> dict[str, Any]:
-    return {"type": "http", "method": "POST", "path": path, "headers": []}
+    return {"type": "http", "method": "POST", "path": path, "headers": [(b"x-request-id", b"req-1")]}
 
 
 async def _drive(app: Any) -> list[dict[str, Any]]:
@@ -38,6 +38,7 @@ async def test_no_answer_becomes_503_with_retry_after() -> None:
     assert sent[0]["status"] == 503
     headers = dict(sent[0]["headers"])
     assert headers[b"retry-after"] == b"1"
+    assert headers[b"x-request-id"] == b"req-1"  # the id Serve gave the request, for the logs
     body = json.loads(sent[1]["body"])
     assert body["error"]["code"] == "gateway_replica_died"
     assert sent[1]["more_body"] is False
@@ -69,13 +70,25 @@ async def test_whole_answers_pass_untouched_and_503s_get_retry_after() -> None:
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["headers"] == [(b"content-type", b"application/json")]
 
-    async def unavailable(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": []})
-        await send({"type": "http.response.body", "body": b"no replica", "more_body": False})
+    async def unavailable(scope: Any, receive: Any, send: Any) -> None:  # Serve's own text 503
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"no replica ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"for gateway", "more_body": False})
 
     sent = await _drive(unavailable)
-    assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
-    assert len(sent) == 2
+    assert len(sent) == 2 and sent[0]["status"] == 503
+    headers = dict(sent[0]["headers"])
+    assert headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["message"] == "no replica for gateway" and error["type"] == "service_unavailable"
+    assert int(headers[b"content-length"]) == len(sent[1]["body"])
+
+    async def overloaded(scope: Any, receive: Any, send: Any) -> None:  # the gateway's own JSON 503
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"error": {}}', "more_body": False})
+
+    sent = await _drive(overloaded)
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"1" and sent[1]["body"] == b'{"error": {}}'
 
 
 @pytest.mark.asyncio
@@ -132,11 +145,21 @@ def test_judge_json_truncated_200_is_lost() -> None:
     [
         (['data: {"choices": [{"delta": {"content": "a"}}]}', "", "data: [DONE]"], "ok"),
         (
-            [": waking", 'data: {"choices": []}', 'data: {"error": {"code": "replica_died"}}', "data: [DONE]"],
+            [
+                ": waking",
+                'data: {"choices": []}',
+                'data: {"error": {"type": "service_unavailable", "code": "replica_died"}}',
+                "data: [DONE]",
+            ],
             "retryable",
         ),
         (['data: {"choices": []}', 'data: {"choices": []}'], "lost"),  # cut without [DONE]
         (["data: [DONE]"], "lost"),  # nothing generated
+        # A server failure in the stream is not a refusal to retry.
+        (
+            ['data: {"choices": []}', 'data: {"error": {"type": "internal_error", "code": null}}', "data: [DONE]"],
+            "lost",
+        ),
         (['data: {"choices": [', "data: [DONE]"], "lost"),
     ],
 )

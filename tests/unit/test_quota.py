@@ -198,6 +198,28 @@ async def test_a_full_wait_queue_sheds_at_once_and_frees_as_it_drains() -> None:
     await asyncio.wait_for(asyncio.gather(waiters[1], waiter), 1)
 
 
+async def test_a_full_queue_sheds_its_lowest_tier_for_a_higher_one() -> None:
+    disp = Dispatcher(aging_s=1000)
+    await disp.acquire("m", 1, 0, 0)
+    first = asyncio.create_task(disp.acquire("m", 1, 0, 1.0, max_waiting=2))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(disp.acquire("m", 1, 0, 1.0, max_waiting=2))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull):  # the same tier waits behind those who came first
+        await disp.acquire("m", 1, 0, 0.1, max_waiting=2)
+    high = asyncio.create_task(disp.acquire("m", 1, 5, 1.0, max_waiting=2))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull):  # the last of the lower tier is shed in its place
+        await second
+    assert not first.done() and not high.done()
+    disp.release("m", 1)
+    await asyncio.wait_for(high, 1)  # the higher tier goes first
+    assert not first.done()
+    disp.release("m", 1)
+    await asyncio.wait_for(first, 1)
+    assert disp.running["m"] == 1 and disp.waiting["m"] == []
+
+
 async def test_simultaneous_requests_see_each_other_in_the_concurrency_limit(tmp_path: Path) -> None:
     fair, key, _ = _fair(tmp_path, max_concurrent=1)
     grants = [await fair.authenticate(f"Bearer {key}") for _ in range(2)]

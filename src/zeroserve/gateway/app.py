@@ -382,11 +382,7 @@ def create_app(
             # Not ready in a cached view: look at the live state (timeouts and cold-start counts use it).
             entry = (await backend.models(refresh=True)).get(name) or entry
         if entry.spec is None or entry.state is ModelState.FAILED:
-            raise ModelUnavailableError(
-                f"model '{name}' failed to start: {entry.message or 'see serve status'}",
-                code="model_failed",
-                retry_after_s=spec.retry_after_s * 6,
-            )
+            raise failed_to_start(name, entry.message)
         if entry.spec.task != task:
             raise WrongTaskError(name, entry.spec.task, wanted)
         return entry
@@ -482,46 +478,53 @@ def create_app(
             retry_after_s=spec.retry_after_s,
         )
 
-    async def unless_failed(entry: ModelEntry, coro: Any) -> Any:
+    def failed_to_start(name: str, reason: str) -> ModelUnavailableError:
+        return ModelUnavailableError(
+            f"model '{name}' failed to start: {reason or 'see serve status'}",
+            code="model_failed",
+            retry_after_s=spec.retry_after_s * 6,
+        )
+
+    async def unless_failed(entry: ModelEntry, answer: asyncio.Future[Any]) -> Any:
         """Await a waking model's answer, but give up as soon as Serve says the model failed.
 
         A request waiting for a replica is not told when Serve gives up starting one (its
         constructor failed its bounded number of times): without this it would wait out the
         whole cold-start bound for a model that will not come.
         """
-        answer = asyncio.ensure_future(coro)
-        try:
-            while True:
-                done, _ = await asyncio.wait({answer}, timeout=_FAILURE_POLL_S)
-                if done:
-                    return answer.result()
+        while True:
+            done, _ = await asyncio.wait({answer}, timeout=_FAILURE_POLL_S)
+            if not done:
                 current = (await backend.models(max_age_s=_FAILURE_POLL_S)).get(entry.name)
-                if current is None or current.state is ModelState.FAILED:
-                    reason = current.message if current is not None else "it was removed from the pool"
-                    raise ModelUnavailableError(
-                        f"model '{entry.name}' failed to start: {reason or 'see serve status'}",
-                        code="model_failed",
-                        retry_after_s=spec.retry_after_s * 6,
-                    )
-        finally:
-            if not answer.done():
-                answer.cancel()
+            if done or answer.done():  # an answer that came during the look is kept
+                return answer.result()
+            if current is None:
+                raise failed_to_start(entry.name, "it was removed from the pool")
+            if current.state is ModelState.FAILED:
+                raise failed_to_start(entry.name, current.message)
 
     async def bounded(entry: ModelEntry, coro: Any) -> Any:
         # A cold model's first answer includes its wake-up; a ready one's does not.
         assert entry.spec is not None
         budget = spec.request_timeout_s
         cold = entry.state is not ModelState.READY
+        answer: asyncio.Future[Any] | None = None
         if cold:
             budget = entry.spec.cold_start_timeout_s or spec.cold_start_timeout_s
             wakes.begin(entry.name)
+            answer = asyncio.ensure_future(coro)  # started here, so it is cancelled here on any exit
         try:
-            result = await asyncio.wait_for(coro if not cold else unless_failed(entry, coro), budget)
+            result = await asyncio.wait_for(coro if answer is None else unless_failed(entry, answer), budget)
         except BaseException as err:
             wakes.abandon(entry.name)
             if isinstance(err, TimeoutError):
                 raise wake_error(entry, budget) from None
             raise
+        finally:
+            if answer is not None and not answer.done():
+                answer.cancel()  # its clean-up (the handle call's cancel) runs before the error goes out
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await answer
         if cold and (woke := wakes.end(entry.name)) is not None:
             obs.cold_start(entry.name, woke)
         return result

@@ -218,30 +218,41 @@ class Dispatcher:
         Raises:
             QueueFull: ``max_waiting`` requests already wait for this model: the caller sheds
                 this one at once rather than let the queue (and every waiter's latency) grow.
+                When the newcomer would be served before the last of them, that one is shed
+                in its place, so a full queue of low-priority work never turns away a tier above.
         """
         queue = self.waiting.setdefault(model, [])
         if self.running[model] < capacity and not queue:
             self.running[model] += 1
             return
-        if max_waiting is not None and len(queue) >= max_waiting:
-            raise QueueFull(model, len(queue))
         waiter = _Waiter(priority, predicted_s, self.clock(), asyncio.get_running_loop().create_future())
+        if max_waiting is not None and len(queue) >= max_waiting:
+            now = self.clock()
+            last = max(queue, key=lambda w: self._order(w, now))
+            # Only a higher (aged) tier displaces a waiter; within a tier, first come keeps its place.
+            if self._order(waiter, now)[0] >= self._order(last, now)[0]:
+                raise QueueFull(model, len(queue))
+            queue.remove(last)
+            last.future.set_exception(QueueFull(model, len(queue) + 1))
         queue.append(waiter)
         try:
             await waiter.future
         except BaseException:
             if waiter in queue:
                 queue.remove(waiter)
-            elif waiter.future.done() and not waiter.future.cancelled():
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.release(model, capacity)  # granted just as it was cancelled: hand it on
             raise
+
+    def _order(self, waiter: _Waiter, now: float) -> tuple[float, ...]:
+        return priority_order(waiter.priority, waiter.predicted_s, waiter.arrival, now, self.aging_s)
 
     def release(self, model: str, capacity: int) -> None:
         self.running[model] -= 1
         queue = self.waiting.get(model, [])
         while queue and self.running[model] < capacity:
             now = self.clock()
-            best = min(queue, key=lambda w: priority_order(w.priority, w.predicted_s, w.arrival, now, self.aging_s))
+            best = min(queue, key=lambda w: self._order(w, now))
             queue.remove(best)
             if not best.future.done():
                 self.running[model] += 1
