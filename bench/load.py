@@ -2,14 +2,16 @@
 
 One warm classification model (tiny-sentiment, 4 requests at a time). First its
 capacity: closed-loop locust users with no think time. Then, in the same run, locust
-users offering twice that rate for a fixed time against (a) the gateway as configured
-(a bounded wait queue: the excess is shed with 503 + Retry-After) and (b) the same
-model with the limits lifted (an unbounded queue). Per mode: requests answered, shed,
-failed, goodput (answers within the latency target per second), latency of the
-admitted requests and of the refusals, the gateway replica's memory, and how long the
-pool took to drain after the clients stopped. Figures go to docs/reliability.md.
+users pacing twice that rate for a fixed time against (a) the gateway as configured (a
+bounded wait queue: the excess is shed with 503 + Retry-After) with clients that send
+again at once, (b) the same with clients that wait as Retry-After says (as the openai
+client does), and (c) the model with the limits lifted (an unbounded queue). Per mode:
+requests answered, shed, failed, goodput (answers within the latency target per
+second), latency of the answers and of the refusals, the gateway replica's memory, and
+how long the pool took to drain after the offered load ended. Figures go to
+docs/reliability.md.
 
-    .venv/bin/python bench/load.py [--seconds 30] [--users 48]
+    .venv/bin/python bench/load.py [--seconds 30] [--users 192]
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import json
 import os
 import statistics
 import subprocess
+from collections import Counter
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,11 +58,19 @@ def config(port: int, bounded: bool) -> dict[str, Any]:
     return cfg
 
 
-def locust(port: int, users: int, rate_per_user: float, seconds: int) -> tuple[list[dict[str, Any]], float]:
+def locust(
+    port: int, users: int, rate_per_user: float, seconds: int, honour: bool = False
+) -> tuple[list[dict[str, Any]], float]:
     """Run locust headless; return every request's record and the run's wall time."""
     with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as rec:
         record = rec.name
-    env = {**os.environ, "ZS_RECORD": record, "ZS_MODEL": MODEL, "ZS_USER_RATE": str(rate_per_user)}
+    env = {
+        **os.environ,
+        "ZS_RECORD": record,
+        "ZS_MODEL": MODEL,
+        "ZS_USER_RATE": str(rate_per_user),
+        "ZS_HONOUR_RETRY_AFTER": "1" if honour else "0",
+    }
     cmd = [
         LOCUST, "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "--only-summary",
         "-u", str(users), "-r", str(users), "--run-time", f"{seconds}s", "--stop-timeout", "120",
@@ -72,28 +84,41 @@ def locust(port: int, users: int, rate_per_user: float, seconds: int) -> tuple[l
     return [json.loads(line) for line in lines], wall
 
 
+def running_gateways(c: LocalCluster) -> list[dict[str, Any]]:
+    apps = httpx.get(f"{c.dashboard_url}/api/serve/applications/", timeout=10).json()["applications"]
+    return [r for d in apps["gateway"]["deployments"].values() for r in d["replicas"] if r["state"] == "RUNNING"]
+
+
 def gateway_rss_mib(c: LocalCluster) -> float:
     import psutil
 
-    apps = httpx.get(f"{c.dashboard_url}/api/serve/applications/", timeout=10).json()["applications"]
-    pids = [r["pid"] for d in apps["gateway"]["deployments"].values() for r in d["replicas"] if r.get("pid")]
+    pids = [r["pid"] for r in running_gateways(c) if r.get("pid")]
     return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
 
 
-def drained_after(port: int, t_stop: float) -> float:
+def watch_drain(port: int, t_end: float) -> dict[str, float]:
+    """From ``t_end`` (the end of the offered load) on, in a thread: seconds until nothing of
+    the model is in flight or queued in the gateway. Fills the returned dict's "s"."""
+    out: dict[str, float] = {}
+
     def idle() -> bool:
         status = httpx.get(f"http://127.0.0.1:{port}/v1/zeroserve/status", timeout=10).json()
         row = next(m for m in status["models"] if m["id"] == MODEL)
-        return row["in_flight"] == 0 and row["queued"] == 0
+        return bool(row["in_flight"] == 0 and row["queued"] == 0)
 
-    wait(idle, 600)
-    return time.monotonic() - t_stop
+    def run() -> None:
+        time.sleep(max(0.0, t_end - time.monotonic()))
+        wait(idle, 600)
+        out["s"] = time.monotonic() - t_end
+
+    threading.Thread(target=run, daemon=True).start()
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=30)
-    parser.add_argument("--users", type=int, default=48)
+    parser.add_argument("--users", type=int, default=192)
     args = parser.parse_args()
     rows = []
     with cluster() as (c, port):
@@ -111,26 +136,38 @@ def main() -> None:
         capacity = sum(r["status"] == 200 for r in records) / wall
         print(f"unloaded p50 {statistics.median(single) * 1000:.0f} ms; capacity {capacity:.1f} req/s", flush=True)
         offered = 2 * capacity
-        for bounded in (True, False):
+        modes = [
+            (True, False, "gateway limits (bounded queue)"),
+            (True, True, "gateway limits, clients honour Retry-After"),
+            (False, False, "limits lifted (unbounded queue)"),
+        ]
+        for bounded, honour, name in modes:
             deploy(c, config(port, bounded), port)
             wait(lambda: httpx.post(url, json=body, timeout=120).status_code == 200, 300)
-            time.sleep(3)
+            wait(lambda: gateway_rss_mib(c) > 0 and len(running_gateways(c)) == 1, 120)
             rss_before = gateway_rss_mib(c)
-            records, wall = locust(port, args.users, offered / args.users, args.seconds)
-            t_stop = time.monotonic()
+            # The drain is timed from the end of the offered load, while locust lets its users finish.
+            drain_watch = watch_drain(port, time.monotonic() + args.seconds + 1)
+            records, wall = locust(port, args.users, offered / args.users, args.seconds, honour)
             rss_after = gateway_rss_mib(c)
-            drain = drained_after(port, t_stop)
+            wait(lambda: "s" in drain_watch, 600)
+            drain = drain_watch["s"]
             ok = [r["ms"] / 1000 for r in records if r["status"] == 200]
-            shed = [r["ms"] / 1000 for r in records if r["status"] in (429, 503) and r["retry_after"]]
+            shed_records = [r for r in records if r["status"] in (429, 503) and r["retry_after"]]
+            shed = [r["ms"] / 1000 for r in shed_records]
             failed = len(records) - len(ok) - len(shed)
+            shed_ids = {id(r) for r in shed_records}
+            # Status 0: no HTTP answer at all (the connection failed or timed out).
+            failures = Counter(str(r["status"]) for r in records if r["status"] != 200 and id(r) not in shed_ids)
             good = sum(1 for s in ok if s <= target_s)
             row = {
-                "mode": "gateway limits (bounded queue)" if bounded else "limits lifted (unbounded queue)",
+                "mode": name,
                 "sent": len(records),
                 "offered": len(records) / wall,
                 "ok": len(ok),
                 "shed": len(shed),
                 "failed": failed,
+                "failures": ", ".join(f"{k} x{v}" for k, v in failures.items()) or "-",
                 "goodput": good / wall,
                 "ok_p50": pct(ok, 50) if ok else float("nan"),
                 "ok_p99": pct(ok, 99) if ok else float("nan"),
@@ -149,13 +186,13 @@ def main() -> None:
         f"{target_s:.2f} s. Offered: {args.users} locust users pacing {offered:.1f} req/s in all (2x) "
         f"for {args.seconds} s.",
         "",
-        "| mode | sent | offered req/s | answered | shed (503/429 + Retry-After) | failed | goodput req/s "
+        "| mode | sent | offered req/s | answered | shed (503/429 + Retry-After) | failed (by status) | goodput req/s "
         "| answered p50 / p99 s | refusal p50 / p99 s | gateway RSS MiB before → after | drained after stop s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
-            f"| {r['mode']} | {r['sent']} | {r['offered']:.1f} | {r['ok']} | {r['shed']} | {r['failed']} | "
+            f"| {r['mode']} | {r['sent']} | {r['offered']:.1f} | {r['ok']} | {r['shed']} | {r['failed']} ({r['failures']}) | "
             f"{r['goodput']:.1f} | {r['ok_p50']:.2f} / {r['ok_p99']:.2f} | {r['shed_p50']:.3f} / {r['shed_p99']:.3f} "
             f"| {r['rss']} | {r['drain']:.1f} |"
         )

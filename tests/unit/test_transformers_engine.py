@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,32 @@ def test_length_finish_and_context_limit(gen: Engine) -> None:
     with pytest.raises(InvalidRequestError) as err:
         asyncio.run(collect(gen.stream("The", GenerateParams(max_tokens=100)), 1))
     assert err.value.param == "max_tokens"
+
+
+def test_input_checks_and_a_batch_in_another_thread_share_the_tokenizer(demo_models: dict[str, Path]) -> None:
+    """The replica checks inputs on its event loop while a batch runs in a worker thread."""
+    import threading
+
+    cls = _load("classify", demo_models["tiny-sentiment"])
+    texts = ["short", "a much longer sentence with many more words in it than the short one"]
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def batches() -> None:
+        while not stop.is_set():
+            try:
+                cls.classify(texts)  # type: ignore[attr-defined]
+            except Exception as err:  # noqa: BLE001 - recorded for the assertion
+                errors.append(err)
+                return
+
+    worker = threading.Thread(target=batches)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not errors:
+            cls.check_inputs(texts)
+    finally:
+        stop.set()
+        worker.join()
+    assert errors == []

@@ -41,6 +41,7 @@ class TransformersEngine(Engine):
         self.source = resolve_model_source(spec)
         self.model: Any = None
         self.tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
         self.device = "cpu"
         self.max_len = spec.max_model_len or 0
         self._pooling = "mean"
@@ -130,8 +131,18 @@ class TransformersEngine(Engine):
             raise RuntimeError("engine not loaded")
 
     # -- embeddings and classification ----------------------------------------------
+    def _tokenize(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the tokenizer, one call at a time.
+
+        A fast tokenizer keeps its padding and truncation settings in shared state that each call
+        sets: input checks on the event loop and a batch on a worker thread, interleaved, left a
+        batch unpadded ("Unable to create tensor"), a 500 under load (make load found it).
+        """
+        with self._tokenizer_lock:
+            return self.tokenizer(*args, **kwargs)
+
     def _token_counts(self, texts: Sequence[str]) -> list[int]:
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        enc = self._tokenize(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]
 
     def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
@@ -153,7 +164,7 @@ class TransformersEngine(Engine):
                 )
 
     def _encode(self, texts: Sequence[str]) -> Any:
-        enc = self.tokenizer(
+        enc = self._tokenize(
             list(texts),
             padding=True,
             truncation=True,
@@ -228,7 +239,7 @@ class TransformersEngine(Engine):
         return min(params.max_tokens or self.spec.max_tokens_cap, room)
 
     async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Delta]:
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        prompt_ids = self._tokenize(prompt, add_special_tokens=True)["input_ids"]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         budget = self._budget(len(prompt_ids), params)
