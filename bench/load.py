@@ -21,11 +21,11 @@ import json
 import os
 import statistics
 import subprocess
-from collections import Counter
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def main() -> None:
             drain_watch = watch_drain(port, time.monotonic() + args.seconds + 1)
             records, wall = locust(port, args.users, offered / args.users, args.seconds, honour)
             rss_after = gateway_rss_mib(c)
-            wait(lambda: "s" in drain_watch, 600)
+            wait(lambda watch=drain_watch: "s" in watch, 600)
             drain = drain_watch["s"]
             ok = [r["ms"] / 1000 for r in records if r["status"] == 200]
             shed_records = [r for r in records if r["status"] in (429, 503) and r["retry_after"]]
@@ -192,7 +192,8 @@ def main() -> None:
     ]
     for r in rows:
         table.append(
-            f"| {r['mode']} | {r['sent']} | {r['offered']:.1f} | {r['ok']} | {r['shed']} | {r['failed']} ({r['failures']}) | "
+            f"| {r['mode']} | {r['sent']} | {r['offered']:.1f} | {r['ok']} | {r['shed']} "
+            f"| {r['failed']} ({r['failures']}) | "
             f"{r['goodput']:.1f} | {r['ok_p50']:.2f} / {r['ok_p99']:.2f} | {r['shed_p50']:.3f} / {r['shed_p99']:.3f} "
             f"| {r['rss']} | {r['drain']:.1f} |"
         )
