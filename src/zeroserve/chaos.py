@@ -30,7 +30,7 @@ import httpx
 from zeroserve.cluster import LOOPBACK_ENV
 from zeroserve.loadgen import Shot, Tally, run_load
 
-__all__ = ["Fault", "FaultResult", "Pool", "ray_kill", "run_faults"]
+__all__ = ["Fault", "FaultResult", "Pool", "Report", "ray_kill", "run_faults"]
 
 CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 FaultKind = Literal["sigkill_model_replica", "ray_kill_gateway_replica", "ray_kill_controller"]
