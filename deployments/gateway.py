@@ -24,7 +24,7 @@ from deployments.metrics import GatewayMetrics
 from zeroserve.config import GatewaySpec, parse_gateway_spec
 from zeroserve.engines import Classification, Delta, Embedding
 from zeroserve.errors import ModelUnavailableError, OverloadedError, ZeroserveError
-from zeroserve.gateway import ModelEntry, create_app, entries_from_details
+from zeroserve.gateway import ModelEntry, create_app, entries_from_details, gpus_in_use
 from zeroserve.gateway.backend import Prompt
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
@@ -237,11 +237,7 @@ class Gateway:
             try:
                 models = await self.backend.models(refresh=True)
                 self.metrics.states({n: (e.state.value, e.replicas) for n, e in models.items()})
-                allocated: dict[str, float] = {}
-                for entry in models.values():
-                    for node in entry.replica_nodes:
-                        allocated[node] = allocated.get(node, 0.0) + (entry.spec.gpu_fraction if entry.spec else 0)
-                self.metrics.pool(allocated, await self.backend.gpus())
+                self.metrics.pool(gpus_in_use(models), await self.backend.gpus())
             except Exception as err:  # noqa: BLE001 - the next round retries
                 logger.warning("could not refresh model states: %s", err)
             await asyncio.sleep(max(self.spec.discovery_ttl_s, 2.0))

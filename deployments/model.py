@@ -7,10 +7,11 @@ to zero, dynamic batching, health checks. The engine does the model work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from ray import serve
@@ -27,6 +28,12 @@ from zeroserve.quota import SharedMeter
 from zeroserve.streams import coalesce
 
 __all__ = ["ModelServer", "build"]
+
+
+@dataclasses.dataclass
+class _Work:
+    engine_s: float = 0.0  # set when the work ends
+
 
 logger = logging.getLogger("zeroserve.model")
 
@@ -67,6 +74,21 @@ class ModelServer:
     def check_health(self) -> None:
         self.engine.health()
 
+    @contextlib.contextmanager
+    def _engine_work(self) -> Iterator[_Work]:
+        """Time the engine work inside (shared with concurrent work: processor sharing), and turn
+        a failure on an engine that died into a 503 to retry."""
+        work = _Work()
+        self.busy.enter()
+        token = self.meter.enter()
+        try:
+            yield work
+        except Exception as err:
+            raise self._unavailable_if_dead(err) from None
+        finally:
+            work.engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
+            self.busy.exit()
+
     def _unavailable_if_dead(self, err: Exception) -> Exception:
         """A request that failed because the engine died is a 503 to retry, not a 500.
 
@@ -87,17 +109,11 @@ class ModelServer:
     # -- embeddings and classification: batched across requests ------------------
     async def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
         self.engine.check_inputs(texts, dimensions)
-        try:
-            return await self._embed_batch(list(texts))
-        except Exception as err:
-            raise self._unavailable_if_dead(err) from None
+        return await self._embed_batch(list(texts))
 
     async def classify(self, texts: Sequence[str]) -> list[Classification]:
         self.engine.check_inputs(texts)
-        try:
-            return await self._classify_batch(list(texts))
-        except Exception as err:
-            raise self._unavailable_if_dead(err) from None
+        return await self._classify_batch(list(texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[list[Embedding]]:
@@ -110,15 +126,10 @@ class ModelServer:
     async def _run_batched(self, fn: Callable[[list[str]], list[Any]], requests: list[list[str]]) -> list[list[Any]]:
         flat = [t for texts in requests for t in texts]
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
-        self.busy.enter()
-        token = self.meter.enter()
-        try:
+        with self._engine_work() as work:
             results = await asyncio.to_thread(fn, flat)
-        finally:
-            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
-            self.busy.exit()
         # The batch's engine time is shared equally among its inputs.
-        each = engine_s * self.spec.gpu_fraction / max(len(flat), 1)
+        each = work.engine_s * self.spec.gpu_fraction / max(len(flat), 1)
         results = [dataclasses.replace(r, gpu_s=each) for r in results]
         out, pos = [], 0
         for texts in requests:
@@ -129,17 +140,10 @@ class ModelServer:
     # -- generation ----------------------------------------------------------------
     async def stream(self, prompt: str | list[dict[str, str]], params: GenerateParams) -> AsyncIterator[Delta]:
         text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
-        self.busy.enter()
-        token = self.meter.enter()
-        try:
+        with self._engine_work() as work:
             async for delta in self.engine.stream(text, params):
                 yield delta
-        except Exception as err:
-            raise self._unavailable_if_dead(err) from None
-        finally:
-            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
-            self.busy.exit()
-        yield Delta(index=-2, gpu_s=engine_s * self.spec.gpu_fraction)
+        yield Delta(index=-2, gpu_s=work.engine_s * self.spec.gpu_fraction)
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """An OpenAI request served by the engine's own OpenAI layer (vLLM).
@@ -147,21 +151,14 @@ class ModelServer:
         SSE lines already waiting are sent as one item: each item costs a message on every
         hop (replica, gateway, proxy), which under load costs more than the tokens.
         """
-        self.busy.enter()
-        token = self.meter.enter()
-        try:
+        with self._engine_work() as work:
             stream = self.engine.openai(endpoint, body)
             first = await anext(stream)
             yield first
             if first[0] == "sse":
                 async for chunk in coalesce(stream):
                     yield chunk
-        except Exception as err:
-            raise self._unavailable_if_dead(err) from None
-        finally:
-            engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
-            self.busy.exit()
-        yield ("meter", engine_s * self.spec.gpu_fraction)
+        yield ("meter", work.engine_s * self.spec.gpu_fraction)
 
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""

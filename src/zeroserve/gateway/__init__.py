@@ -2,6 +2,6 @@
 
 from zeroserve.gateway.app import create_app
 from zeroserve.gateway.backend import Backend
-from zeroserve.gateway.registry import ModelEntry, ModelState, entries_from_details
+from zeroserve.gateway.registry import ModelEntry, ModelState, entries_from_details, gpus_in_use
 
-__all__ = ["Backend", "ModelEntry", "ModelState", "create_app", "entries_from_details"]
+__all__ = ["Backend", "ModelEntry", "ModelState", "create_app", "entries_from_details", "gpus_in_use"]

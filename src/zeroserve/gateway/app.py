@@ -42,7 +42,7 @@ from zeroserve.errors import (
 )
 from zeroserve.gateway.backend import Backend, Prompt
 from zeroserve.gateway.fair import Dispatcher, FairShare, Grant, QueueFull
-from zeroserve.gateway.registry import ModelEntry, ModelState
+from zeroserve.gateway.registry import ModelEntry, ModelState, gpus_in_use
 from zeroserve.gateway.telemetry import FanOut, NullObserver, Observer, RollingStats, WakeTracker
 from zeroserve.protocol import (
     ChatCompletionRequest,
@@ -672,10 +672,7 @@ def create_app(
 
     def placeability(models: dict[str, ModelEntry], capacity: dict[str, float]) -> dict[str, dict[str, Any]]:
         """Whether each model could get a replica now: ready, or a node has its fraction free."""
-        used: dict[str, float] = {}
-        for e in models.values():
-            for node in e.replica_nodes:
-                used[node] = used.get(node, 0.0) + (e.spec.gpu_fraction if e.spec else 0.0)
+        used = gpus_in_use(models)
         free = max((capacity[n] - used.get(n, 0.0) for n in capacity), default=None)
         out = {}
         for name, e in sorted(models.items()):
@@ -718,12 +715,9 @@ def create_app(
         except Exception as err:  # noqa: BLE001 - occupancy without capacities is still useful
             logger.warning("status: node capacities unavailable: %s", err)
             capacity = {}
-        used: dict[str, float] = {}
+        used = gpus_in_use(models)
         rows = []
         for name, entry in sorted(models.items()):
-            fraction = entry.spec.gpu_fraction if entry.spec else 0.0
-            for node in entry.replica_nodes:
-                used[node] = used.get(node, 0.0) + fraction
             # In flight and waiting in this gateway replica (one of possibly several).
             load = {"in_flight": admission.per_model[name], "queued": len(dispatcher.waiting.get(name, []))}
             rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name), **load})

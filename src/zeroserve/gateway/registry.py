@@ -16,7 +16,7 @@ from typing import Any
 
 from zeroserve.config import MODEL_BUILDER, ConfigError, ModelSpec, parse_model_spec
 
-__all__ = ["ModelEntry", "ModelState", "entries_from_details", "model_state"]
+__all__ = ["ModelEntry", "ModelState", "entries_from_details", "gpus_in_use", "model_state"]
 
 _STARTING_REPLICA_STATES = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
 
@@ -108,3 +108,12 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
             deployment=dep_name,
         )
     return out
+
+
+def gpus_in_use(entries: Mapping[str, ModelEntry]) -> dict[str, float]:
+    """GPUs held per node: each running replica holds its model's fraction."""
+    used: dict[str, float] = {}
+    for entry in entries.values():
+        for node in entry.replica_nodes:
+            used[node] = used.get(node, 0.0) + (entry.spec.gpu_fraction if entry.spec else 0.0)
+    return used
