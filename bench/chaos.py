@@ -47,10 +47,6 @@ def config(port: int, extra: dict[str, dict[str, Any]] | None = None, **gen: Any
     return cfg
 
 
-def running(pool: Pool, app: str) -> set[str]:
-    return {r["replica_id"] for r in pool.replicas(app) if r["state"] == "RUNNING"}
-
-
 def row(name: str, t: Tally) -> str:
     return f"| {name} | {t.sent} | {t.count('ok')} | {t.count('retryable')} | {t.count('lost')} |"
 
@@ -65,7 +61,13 @@ def main() -> None:
     with cluster() as (c, port):
         pool = Pool(f"http://127.0.0.1:{port}", c.dashboard_url, c.address)
         deploy(c, config(port), port)
-        wait(lambda: all(running(pool, m) for m in (EMB, GEN, CLS)) and len(running(pool, "gateway")) == 2, 300)
+        wait(
+            lambda: (
+                all(pool.running_replica_ids(m) for m in (EMB, GEN, CLS))
+                and len(pool.running_replica_ids("gateway")) == 2
+            ),
+            300,
+        )
         assert run_load(pool.base_url, MIX, requests=10, concurrency=2).count("ok") == 10
 
         kinds = [
@@ -124,7 +126,7 @@ def main() -> None:
 
         # A rolling redeploy of tiny-llama under load.
         deploy(c, config(port), port)
-        before = running(pool, GEN)
+        before = pool.running_replica_ids(GEN)
         stop = threading.Event()
         out: dict[str, Tally] = {}
         loader = threading.Thread(
@@ -134,7 +136,7 @@ def main() -> None:
         time.sleep(3)
         t0 = time.monotonic()
         httpx.put(f"{c.dashboard_url}/api/serve/applications/", json=config(port, max_tokens_cap=128), timeout=60)
-        wait(lambda: bool(running(pool, GEN)) and not (running(pool, GEN) & before), 300)
+        wait(lambda: bool(pool.running_replica_ids(GEN)) and not (pool.running_replica_ids(GEN) & before), 300)
         swap = time.monotonic() - t0
         time.sleep(3)
         stop.set()

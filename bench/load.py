@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 from common import ROOT, cluster, demo_config, deploy, machine, pct, wait, write_section
 
+from zeroserve.chaos import Pool
 from zeroserve.cluster import LocalCluster
 
 MODEL = "tiny-sentiment"
@@ -85,8 +86,7 @@ def locust(
 
 
 def running_gateways(c: LocalCluster) -> list[dict[str, Any]]:
-    apps = httpx.get(f"{c.dashboard_url}/api/serve/applications/", timeout=10).json()["applications"]
-    return [r for d in apps["gateway"]["deployments"].values() for r in d["replicas"] if r["state"] == "RUNNING"]
+    return Pool("", c.dashboard_url, c.address).running("gateway")
 
 
 def gateway_rss_mib(c: LocalCluster) -> float:

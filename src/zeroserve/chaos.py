@@ -45,15 +45,22 @@ class Pool:
     ray_address: str
 
     def details(self) -> dict[str, Any]:
-        resp = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10)
+        """Serve's details, as ``serve status`` reads them from the dashboard."""
+        resp = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=30)
         resp.raise_for_status()
         return resp.json()  # type: ignore[no-any-return]
 
-    def replicas(self, app: str, details: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        apps = (details or self.details()).get("applications", {})
+    def replicas(self, app: str) -> list[dict[str, Any]]:
+        apps = self.details().get("applications", {})
         if app not in apps:
             return []
         return [r for d in apps[app]["deployments"].values() for r in d["replicas"]]
+
+    def running(self, app: str) -> list[dict[str, Any]]:
+        return [r for r in self.replicas(app) if r.get("state") == "RUNNING"]
+
+    def running_replica_ids(self, app: str) -> set[str]:
+        return {r["replica_id"] for r in self.running(app)}
 
 
 @dataclass(frozen=True)
@@ -97,10 +104,6 @@ def ray_kill(address: str, name: str, namespace: str = "serve") -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=env)
 
 
-def _running(pool: Pool, app: str) -> list[dict[str, Any]]:
-    return [r for r in pool.replicas(app) if r.get("state") == "RUNNING"]
-
-
 def _inject(pool: Pool, fault: Fault) -> tuple[Callable[[], bool], str]:
     """Do the fault; return the check that says the pool is whole again, and what was hit."""
     if fault.kind == "ray_kill_controller":
@@ -115,7 +118,7 @@ def _inject(pool: Pool, fault: Fault) -> tuple[Callable[[], bool], str]:
             return running and set(now.get("applications", {})) == apps
 
         return back, f"controller {before[:8]}"
-    victims = _running(pool, fault.app)
+    victims = pool.running(fault.app)
     if not victims:
         raise RuntimeError(f"no running replica of {fault.app!r} to kill")
     victim = victims[0]
@@ -126,7 +129,7 @@ def _inject(pool: Pool, fault: Fault) -> tuple[Callable[[], bool], str]:
         ray_kill(pool.ray_address, str(victim["actor_name"]))
 
     def whole() -> bool:
-        running = _running(pool, fault.app)
+        running = pool.running(fault.app)
         return len(running) >= wanted and victim["replica_id"] not in {r["replica_id"] for r in running}
 
     return whole, f"{fault.app} replica {victim['replica_id']} (pid {victim.get('pid')})"

@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "LOOPBACK_ENV",
@@ -306,19 +307,6 @@ def kill_node(pgid: int) -> None:
         pass
 
 
-def _dashboard(cluster: LocalCluster, method: str, body: object = None, timeout_s: float = 30) -> object:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"{cluster.dashboard_url}/api/serve/applications/",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"} if data else {},
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        raw = resp.read()
-    return json.loads(raw) if raw else None
-
-
 def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None:
     """Take the gateway out of service gracefully; return how long it took (None: no gateway).
 
@@ -331,20 +319,22 @@ def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None
     Raises:
         TimeoutError: the gateway was still there after ``timeout_s``.
     """
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # what `serve deploy` uses
+
     from zeroserve.config import GATEWAY_BUILDER
 
-    def gateways(details: object) -> set[str]:
-        apps = (details.get("applications") or {}) if isinstance(details, dict) else {}
+    def gateways(details: dict[str, Any]) -> set[str]:
+        apps = details.get("applications") or {}
         return {
             n for n, a in apps.items() if (a.get("deployed_app_config") or {}).get("import_path") == GATEWAY_BUILDER
         }
 
     started = time.monotonic()
-    details = _dashboard(cluster, "GET")
+    client = ServeSubmissionClient(cluster.dashboard_url)
+    details = client.get_serve_details()
     names = gateways(details)
     if not names:
         return None
-    assert isinstance(details, dict)
     # The same config as deployed, less the gateway: nothing else is redeployed.
     config = {
         k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity") if details.get(k)
@@ -354,9 +344,9 @@ def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None
         for n, a in details["applications"].items()
         if n not in names and a.get("deployed_app_config")
     ]
-    _dashboard(cluster, "PUT", config, timeout_s=60)
+    client.deploy_applications(config)
     while time.monotonic() - started < timeout_s:
-        if not gateways(_dashboard(cluster, "GET")) & names:
+        if not gateways(client.get_serve_details()) & names:
             return time.monotonic() - started
         time.sleep(0.5)
     raise TimeoutError(f"the gateway still had requests to finish after {timeout_s:.0f} s")
@@ -378,7 +368,7 @@ def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool
     if cluster is not None and _alive(cluster.pid) and drain_s > 0:
         try:
             drain_gateway(cluster, drain_s)
-        except (OSError, ValueError) as err:  # a cluster half up, or a drain past its bound: stop anyway
+        except (OSError, RuntimeError, ValueError) as err:  # a cluster half up, a drain past its bound: stop anyway
             logger.warning("could not drain the gateway (%s); stopping anyway", err)
     if nodes.is_file():
         for line in nodes.read_text().split():

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from zeroserve.chaos import Pool as ChaosPool
 from zeroserve.cluster import LocalCluster, free_port, start_local, stop_local
 from zeroserve.config import load_serve_config
 
@@ -65,20 +66,19 @@ class Pool:
     def openai(self, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kw)
 
+    @property
+    def view(self) -> ChaosPool:
+        """The pool as zeroserve.chaos sees it (Serve's details, replicas; faults under load)."""
+        return ChaosPool(self.base_url, self.cluster.dashboard_url, self.cluster.address)
+
     def details(self) -> dict[str, Any]:
-        resp = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=30)
-        resp.raise_for_status()
-        return resp.json()  # type: ignore[no-any-return]
+        return self.view.details()
 
     def replicas(self, app: str) -> list[dict[str, Any]]:
-        apps = self.details().get("applications", {})
-        if app not in apps:
-            return []
-        deps = apps[app]["deployments"]
-        return [r for d in deps.values() for r in d["replicas"]]
+        return self.view.replicas(app)
 
     def running_replica_ids(self, app: str) -> set[str]:
-        return {r["replica_id"] for r in self.replicas(app) if r["state"] == "RUNNING"}
+        return self.view.running_replica_ids(app)
 
     def config(self, models: dict[str, dict[str, Any]] | None = None, **gateway_args: Any) -> dict[str, Any]:
         """The demo config on this pool's port, with fast autoscaling; ``models`` replaces its models."""

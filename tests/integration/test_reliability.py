@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 
 from zeroserve.chaos import Fault, run_faults
-from zeroserve.chaos import Pool as ChaosPool
 from zeroserve.loadgen import Shot, mixed, run_load
 
 from .conftest import Pool, wait_for
@@ -31,10 +30,6 @@ MIX = mixed(EMB, GEN, CLS)
 def _models(pool: Pool, names: tuple[str, ...], **overrides: Any) -> dict[str, dict[str, Any]]:
     apps = pool.config()["applications"][1:]
     return {a["name"]: {**a["args"], **overrides} for a in apps if a["name"] in names}
-
-
-def _chaos(pool: Pool) -> ChaosPool:
-    return ChaosPool(pool.base_url, pool.cluster.dashboard_url, pool.cluster.address)
 
 
 def _explain(tally: Any) -> str:
@@ -56,7 +51,7 @@ def test_kills_during_load_lose_no_request(pool: Pool) -> None:
         Fault("sigkill_model_replica", EMB),
     ]
     # At most 2000 requests; the load stops a few seconds after the last fault's recovery.
-    report = run_faults(_chaos(pool), MIX, faults, requests=2000, concurrency=4, recover_within_s=120)
+    report = run_faults(pool.view, MIX, faults, requests=2000, concurrency=4, recover_within_s=120)
 
     tally = report.tally
     assert len(report.faults) == len(faults)
