@@ -235,7 +235,8 @@ class Gateway:
         assert self.metrics is not None
         while True:
             try:
-                models = await self.backend.models(refresh=True)
+                # The directory as fresh as any request would see it: no extra controller reads.
+                models = await self.backend.models(max_age_s=self.spec.discovery_ttl_s)
                 self.metrics.states({n: (e.state.value, e.replicas) for n, e in models.items()})
                 self.metrics.pool(gpus_in_use(models), await self.backend.gpus())
             except Exception as err:  # noqa: BLE001 - the next round retries

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from zeroserve.gateway.registry import ModelState
+
 __all__ = ["GatewayMetrics", "ReplicaMetrics", "STATES"]
 
-STATES = ("cold", "starting", "ready", "failed")
+STATES = tuple(state.value for state in ModelState)
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 COLD_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]

@@ -21,7 +21,6 @@ from deployments.metrics import ReplicaMetrics
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
 from zeroserve.errors import ModelUnavailableError
-from zeroserve.gateway.telemetry import BusyClock
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.quota import SharedMeter
@@ -64,8 +63,7 @@ class ModelServer:
         self.batch_sizes: list[int] = []
         self.ready_at = time.time()
         self.metrics = ReplicaMetrics(self.name)
-        self.busy = BusyClock(lambda seconds: self.metrics.gpu_seconds(seconds * self.spec.gpu_fraction))
-        self.meter = SharedMeter()
+        self.meter = SharedMeter(on_busy=lambda seconds: self.metrics.gpu_seconds(seconds * self.spec.gpu_fraction))
         timings = dict(getattr(self.engine, "timings", {}))
         self.metrics.started(
             {**{k.removesuffix("_s"): v for k, v in timings.items()}, "total": self.ready_at - self.started_at}
@@ -79,15 +77,13 @@ class ModelServer:
         """Time the engine work inside (shared with concurrent work: processor sharing), and turn
         a failure on an engine that died into a 503 to retry."""
         work = _Work()
-        self.busy.enter()
         token = self.meter.enter()
         try:
             yield work
         except Exception as err:
             raise self._unavailable_if_dead(err) from None
         finally:
-            work.engine_s = self.meter.exit(token)  # first: the charge must not depend on the metrics
-            self.busy.exit()
+            work.engine_s = self.meter.exit(token)
 
     def _unavailable_if_dead(self, err: Exception) -> Exception:
         """A request that failed because the engine died is a 503 to retry, not a 500.

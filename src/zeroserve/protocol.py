@@ -31,6 +31,7 @@ __all__ = [
 
 MAX_STOP = 4
 MAX_INPUTS = 2048
+MAX_PROMPTS = 64
 
 
 def _json_schema(schema: dict[str, Any], description: str) -> WithJsonSchema:
@@ -195,10 +196,10 @@ class CompletionRequest(_SamplingFields):
             {
                 "anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 64},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
                 ]
             },
-            "A prompt or a list of 1 to 64 prompts.",
+            f"A prompt or a list of 1 to {MAX_PROMPTS} prompts.",
         ),
     ]
     max_tokens: int | None = Field(default=16, ge=1)
@@ -209,8 +210,8 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not (1 <= len(value) <= 64):
-            raise ValueError("prompt must be a string or a list of 1 to 64 strings")
+        if isinstance(value, list) and not (1 <= len(value) <= MAX_PROMPTS):
+            raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings")
         return value
 
     @model_validator(mode="after")

@@ -240,33 +240,49 @@ class SharedMeter:
     """Engine time per request, shared among the requests in the engine at the same time.
 
     Between two events (a request entering or leaving), each of the k active requests is
-    charged elapsed / k. The charges of all requests add up to the time the engine was busy.
+    charged elapsed / k. The charges of all requests add up to the time the engine was busy,
+    which ``on_busy`` receives as it goes (overlapping requests count once), so that a replica
+    that is never idle still reports.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, on_busy: Callable[[float], None] | None = None
+    ) -> None:
         self.clock = clock
+        self.on_busy = on_busy
         self.active: dict[int, float] = {}
         self.last = clock()
         self._next = 0
 
-    def _advance(self) -> None:
+    def _advance(self) -> float:
+        """Share the time since the last event among the active requests; return it if busy."""
         now = self.clock()
+        elapsed = now - self.last if self.active else 0.0
         if self.active:
-            share = (now - self.last) / len(self.active)
+            share = elapsed / len(self.active)
             for token in self.active:
                 self.active[token] += share
         self.last = now
+        return elapsed
+
+    def _report(self, elapsed: float) -> None:
+        # After the bookkeeping: the charges must not depend on the metrics.
+        if elapsed and self.on_busy is not None:
+            self.on_busy(elapsed)
 
     def enter(self) -> int:
-        self._advance()
+        elapsed = self._advance()
         self._next += 1
         self.active[self._next] = 0.0
+        self._report(elapsed)
         return self._next
 
     def exit(self, token: int) -> float:
         """The engine seconds charged to the request that got ``token``."""
-        self._advance()
-        return self.active.pop(token)
+        elapsed = self._advance()
+        charge = self.active.pop(token)
+        self._report(elapsed)
+        return charge
 
 
 class RateLimiter:

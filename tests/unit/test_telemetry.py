@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from zeroserve.gateway.telemetry import BusyClock, RollingStats, WakeTracker
+from zeroserve.gateway.telemetry import RollingStats, WakeTracker
+from zeroserve.quota import SharedMeter
 
 
 class Clock:
@@ -36,15 +37,15 @@ def test_one_cold_start_per_wake() -> None:
     assert wakes.end("m") is None
 
 
-def test_busy_clock_counts_overlap_once() -> None:
+def test_busy_time_counts_overlap_once() -> None:
     clock = Clock()
     spans: list[float] = []
-    busy = BusyClock(spans.append, clock)
-    busy.enter()
+    busy = SharedMeter(clock, on_busy=spans.append)
+    first = busy.enter()
     clock.t += 1
-    busy.enter()
+    second = busy.enter()
     clock.t += 2
-    busy.exit()
+    busy.exit(second)
     clock.t += 1
-    busy.exit()
+    busy.exit(first)
     assert sum(spans) == 4.0  # reported as it goes: 1 + 2 + 1

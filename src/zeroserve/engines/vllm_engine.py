@@ -11,11 +11,12 @@ No Ray here: the Serve deployment drives this class, and a test can drive it dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from zeroserve.config import ModelSpec, VLLMOptions, resolve_model_source
@@ -34,8 +35,6 @@ from zeroserve.settings import get_settings
 __all__ = ["VLLMEngine", "vllm_cli_args"]
 
 logger = logging.getLogger(__name__)
-
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "classify")
 
 
 def vllm_cli_args(spec: ModelSpec, name: str, source: str, cuda: bool, total_bytes: int | None) -> list[str]:
@@ -71,8 +70,6 @@ def vllm_cli_args(spec: ModelSpec, name: str, source: str, cuda: bool, total_byt
         argv += ["--max-num-seqs", str(opts.max_num_seqs)]
     if opts.enable_prefix_caching is not None:
         argv.append("--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching")
-    if not get_settings().allow_hub_download and not spec.is_local:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return argv
 
 
@@ -115,6 +112,7 @@ class VLLMEngine(Engine):
         self.source = resolve_model_source(spec)
         self.client: Any = None
         self.state: Any = None
+        self._handlers: dict[str, tuple[type[Any], Any]] = {}
         self.timings: dict[str, float] = {}
         self.device = "cpu"
 
@@ -135,6 +133,8 @@ class VLLMEngine(Engine):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if opts.multiprocessing else "0"
         elif not cuda:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not get_settings().allow_hub_download and not self.spec.is_local:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -144,25 +144,25 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.timings["import_s"] = time.perf_counter() - start
-        total = torch.cuda.get_device_properties(0).total_memory if cuda else None
-        argv = vllm_cli_args(self.spec, self.name, self.source, cuda, total)
+        device = torch.cuda.get_device_properties(0) if cuda else None
+        argv = vllm_cli_args(self.spec, self.name, self.source, cuda, device.total_memory if device else None)
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         logger.info("starting vLLM for %s: %s", self.name, " ".join(argv))
 
         start = time.perf_counter()
-        gpu_id = str(torch.cuda.get_device_properties(0).uuid) if cuda else None
-        if gpu_id is not None:
-            with gpu_start_lock(gpu_id) as waited:
+        # Engines sharing a GPU start one at a time (their memory profiling would race).
+        starting = gpu_start_lock(str(device.uuid)) if device is not None else contextlib.nullcontext(None)
+        with starting as waited:
+            if waited is not None:
                 self.timings["start_lock_wait_s"] = waited
-                self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])  # type: ignore[list-item]
-        else:
             self.client = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_RunningRequests])  # type: ignore[list-item]
         self.timings["weights_s"] = time.perf_counter() - start
         tasks = await self.client.get_supported_tasks()
         self.state = State()
         await init_app_state(self.client, self.state, args, tasks)
+        self._handlers = self._openai_handlers(self.state)
         logger.info("vLLM ready for %s (tasks %s) in %.1f s", self.name, tasks, time.perf_counter() - start)
 
     def health(self) -> None:
@@ -175,23 +175,23 @@ class VLLMEngine(Engine):
     def peak_running_requests(self) -> int:
         return _RunningRequests.peak
 
-    def check_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
-        return None  # vLLM validates inputs itself
-
-    def _handler(self, endpoint: str) -> tuple[type[Any], Any]:
+    @staticmethod
+    def _openai_handlers(s: Any) -> dict[str, tuple[type[Any], Any]]:
+        """vLLM's request class and handler per OpenAI endpoint (None: not served), made once."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
         from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
-        s = self.state
-        table: dict[str, tuple[type[Any], Any]] = {
+        return {
             "chat/completions": (ChatCompletionRequest, getattr(s.openai_serving_chat, "create_chat_completion", None)),
             "completions": (CompletionRequest, getattr(s.openai_serving_completion, "create_completion", None)),
             "embeddings": (EmbeddingCompletionRequest, getattr(s, "serving_embedding", None)),
             "classify": (ClassificationCompletionRequest, getattr(s, "serving_classification", None)),
         }
-        cls, handler = table.get(endpoint, (None, None))
+
+    def _handler(self, endpoint: str) -> tuple[type[Any], Any]:
+        cls, handler = self._handlers.get(endpoint, (None, None))
         if cls is None or handler is None:
             raise InvalidRequestError(f"model '{self.name}' does not serve /{endpoint}", param="model")
         return cls, handler

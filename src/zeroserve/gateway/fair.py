@@ -70,11 +70,6 @@ class FairShare:
     def enabled(self) -> bool:
         return self.auth.enabled
 
-    async def _key(self, key: str) -> KeyRecord | None:
-        assert self.ledger is not None
-        # Looked up every time (a revoked key stops at once); the ledger call is a primary-key read.
-        return await asyncio.to_thread(self.ledger.find_key, hash_key(key))
-
     async def authenticate(self, authorization: str | None) -> Grant:
         """Who is calling (before anything else, even the model lookup).
 

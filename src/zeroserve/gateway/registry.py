@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from zeroserve.config import MODEL_BUILDER, ConfigError, ModelSpec, parse_model_spec
@@ -37,11 +37,14 @@ class ModelEntry:
     state: ModelState
     replicas: int = 0
     target_replicas: int = 0
-    nodes: tuple[str, ...] = ()
     replica_nodes: tuple[str, ...] = ()  # one entry per running replica
     message: str = ""
     deployment: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes its running replicas are on, each once."""
+        return tuple(sorted(set(self.replica_nodes)))
 
 
 def model_state(app_status: str, deployment: Mapping[str, Any] | None) -> ModelState:
@@ -102,7 +105,6 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
             state=state,
             replicas=len(replicas),
             target_replicas=int((dep or {}).get("target_num_replicas", 0)),
-            nodes=tuple(sorted({str(r.get("node_id", "")) for r in replicas})),
             replica_nodes=tuple(str(r.get("node_id", "")) for r in replicas),
             message=message,
             deployment=dep_name,

@@ -31,10 +31,6 @@ class Observer(Protocol):
 
     def cold_start(self, model: str, seconds: float) -> None: ...
 
-    def states(self, states: dict[str, tuple[str, int]]) -> None:
-        """Each model's (state, running replicas), after a directory refresh."""
-        ...
-
 
 class NullObserver:
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
@@ -53,9 +49,6 @@ class NullObserver:
         pass
 
     def cold_start(self, model: str, seconds: float) -> None:
-        pass
-
-    def states(self, states: dict[str, tuple[str, int]]) -> None:
         pass
 
 
@@ -78,7 +71,6 @@ class _ModelStats:
     requests: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=2048))
     cold_starts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     last_request: float | None = None
-    errors: int = 0
 
 
 class RollingStats(NullObserver):
@@ -97,8 +89,6 @@ class RollingStats(NullObserver):
         now = self.clock()
         stats.last_request = now
         stats.requests.append((now, seconds))
-        if status >= 500:
-            stats.errors += 1
 
     def cold_start(self, model: str, seconds: float) -> None:
         self.models[model].cold_starts.append(seconds)
@@ -135,32 +125,3 @@ class WakeTracker:
 
     def abandon(self, model: str) -> None:
         self.waking.pop(model, None)
-
-
-class BusyClock:
-    """Time during which at least one request was in an engine (for GPU-seconds).
-
-    Overlapping requests count once: a batch of eight is one span of engine time. The time
-    is reported at every change, not only when the engine goes idle, so a replica that is
-    never idle still reports.
-    """
-
-    def __init__(self, on_busy: Callable[[float], None], clock: Callable[[], float] = time.monotonic) -> None:
-        self.on_busy = on_busy
-        self.clock = clock
-        self.active = 0
-        self.since = 0.0
-
-    def _report(self) -> None:
-        now = self.clock()
-        if self.active > 0:
-            self.on_busy(now - self.since)
-        self.since = now
-
-    def enter(self) -> None:
-        self._report()
-        self.active += 1
-
-    def exit(self) -> None:
-        self._report()
-        self.active -= 1
