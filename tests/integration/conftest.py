@@ -34,6 +34,8 @@ FAST_AUTOSCALING = {
     "look_back_period_s": 2,
     "metrics_interval_s": 0.5,
 }
+# Held at one replica: warm from the start, and never scaled down during a test.
+WARM = {"min_replicas": 1, "max_replicas": 1}
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
@@ -79,6 +81,10 @@ class Pool:
 
     def running_replica_ids(self, app: str) -> set[str]:
         return self.view.running_replica_ids(app)
+
+    def models(self, *names: str, **overrides: Any) -> dict[str, dict[str, Any]]:
+        """The demo models called ``names`` (their args, fast autoscaling), each with ``overrides``."""
+        return {a["name"]: {**a["args"], **overrides} for a in self.config()["applications"][1:] if a["name"] in names}
 
     def config(self, models: dict[str, dict[str, Any]] | None = None, **gateway_args: Any) -> dict[str, Any]:
         """The demo config on this pool's port, with fast autoscaling; ``models`` replaces its models."""

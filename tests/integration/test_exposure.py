@@ -34,8 +34,7 @@ def _listeners(head_pid: int) -> list[tuple[str, int, int, str]]:
 
 
 def test_only_loopback_beyond_the_replicas_grpc(pool: Pool) -> None:
-    models = {a["name"]: a["args"] for a in pool.config()["applications"][1:] if a["name"] == EMB}
-    pool.deploy(pool.config(models))
+    pool.deploy(pool.config(pool.models(EMB)))
     resp = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": EMB, "input": "x"}, timeout=120)
     assert resp.status_code == 200
     wait_for(lambda: pool.running_replica_ids(EMB), 30, "a running replica")

@@ -14,7 +14,7 @@ from ray.util.state import list_nodes
 
 from zeroserve.cluster import add_node, kill_node
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = {
@@ -23,7 +23,7 @@ ARGS = {
     "gpu_fraction": 0.25,
     "num_cpus": 0.05,
     "cold_start_timeout_s": 10,
-    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+    "autoscaling": WARM,
 }
 
 

@@ -41,7 +41,7 @@ def value(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def obs_pool(pool: Pool) -> Pool:
-    models = {a["name"]: a["args"] for a in pool.config()["applications"][1:] if a["name"] in (EMB, GEN)}
+    models = pool.models(EMB, GEN)
     big = {
         "task": "classify",
         "model": "./models/tiny-sentiment",

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
 CLS_ARGS = {"task": "classify", "model": "./models/tiny-sentiment", "gpu_fraction": 0.25, "num_cpus": 0.05}
 
@@ -45,10 +45,9 @@ def _gateway_replicas(pool: Pool) -> set[str]:
 
 
 def test_adding_changing_removing_a_model_leaves_the_others_running(pool: Pool) -> None:
-    warm = {"min_replicas": 1, "max_replicas": 1}
     base: dict[str, dict[str, Any]] = {
-        "m1": {**CLS_ARGS, "autoscaling": warm},
-        "m2": {**CLS_ARGS, "autoscaling": warm},
+        "m1": {**CLS_ARGS, "autoscaling": WARM},
+        "m2": {**CLS_ARGS, "autoscaling": WARM},
     }
     pool.deploy(pool.config(base))
     wait_for(lambda: pool.running_replica_ids("m1") and pool.running_replica_ids("m2"), 120, "m1, m2 running")

@@ -31,7 +31,7 @@ def _keys(ledger: Path, *args: str) -> str:
 
 
 def _auth_config(pool: Pool, ledger: Path, **gateway: Any) -> dict[str, Any]:
-    models = {a["name"]: a["args"] for a in pool.config()["applications"][1:] if a["name"] in (EMB, VLLM)}
+    models = pool.models(EMB, VLLM)
     # One request at a time on the vLLM model, so that others queue in the gateway.
     models[VLLM] = {
         **models[VLLM],

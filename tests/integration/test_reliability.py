@@ -18,7 +18,7 @@ import httpx
 from zeroserve.chaos import Fault, run_faults
 from zeroserve.loadgen import Shot, mixed, run_load
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
 EMB = "all-MiniLM-L6-v2"
 GEN = "tiny-llama"
@@ -27,19 +27,13 @@ CLS = "tiny-sentiment"
 MIX = mixed(EMB, GEN, CLS)
 
 
-def _models(pool: Pool, names: tuple[str, ...], **overrides: Any) -> dict[str, dict[str, Any]]:
-    apps = pool.config()["applications"][1:]
-    return {a["name"]: {**a["args"], **overrides} for a in apps if a["name"] in names}
-
-
 def _explain(tally: Any) -> str:
     lost = tally.lost()
     return f"{tally.summary()}; first lost: {[(o.shot, o.status, o.reason) for o in lost[:5]]}"
 
 
 def test_kills_during_load_lose_no_request(pool: Pool) -> None:
-    warm = {"min_replicas": 1, "max_replicas": 1}
-    models = _models(pool, (EMB, GEN, CLS), autoscaling=warm)
+    models = pool.models(EMB, GEN, CLS, autoscaling=WARM)
     pool.deploy(pool.config(models, num_replicas=2))
     wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 120, "the models to be warm")
     wait_for(lambda: len(pool.running_replica_ids("gateway")) == 2, 60, "two gateway replicas")
@@ -68,7 +62,7 @@ def test_broken_model_fails_clearly_and_the_others_keep_serving(pool: Pool, tmp_
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{ this is not json")
-    models = _models(pool, (EMB,))
+    models = pool.models(EMB)
     models["broken"] = {**models[EMB], "model": str(broken), "description": "weights that do not load"}
     pool.deploy(pool.config(models))
 
@@ -99,9 +93,9 @@ def test_broken_model_fails_clearly_and_the_others_keep_serving(pool: Pool, tmp_
 def test_a_request_racing_its_models_deploy_waits_and_is_answered(pool: Pool) -> None:
     """Serve creates a new application's deployment a moment after the application: a request
     in between must wait for it (bounded), not hold a handle to a deployment that never comes."""
-    base = _models(pool, (EMB,))
+    base = pool.models(EMB)
     pool.deploy(pool.config(base))
-    late = _models(pool, (CLS,))
+    late = pool.models(CLS)
     httpx.put(
         f"{pool.cluster.dashboard_url}/api/serve/applications/", json=pool.config({**base, **late}), timeout=60
     ).raise_for_status()
@@ -117,7 +111,7 @@ def test_a_request_racing_its_models_deploy_waits_and_is_answered(pool: Pool) ->
 
 def test_twice_the_load_is_shed_with_retry_after_and_drains(pool: Pool) -> None:
     # One replica taking 2 at a time, 2 more may wait: at concurrency 12 most of the load is excess.
-    models = _models(pool, (CLS,), max_ongoing_requests=2, max_queued_requests=2, autoscaling={"min_replicas": 1})
+    models = pool.models(CLS, max_ongoing_requests=2, max_queued_requests=2, autoscaling={"min_replicas": 1})
     pool.deploy(pool.config(models))
     wait_for(lambda: pool.running_replica_ids(CLS), 120, f"{CLS} warm")
 
@@ -142,8 +136,7 @@ def test_twice_the_load_is_shed_with_retry_after_and_drains(pool: Pool) -> None:
 
 
 def test_rolling_redeploy_under_traffic_loses_nothing(pool: Pool) -> None:
-    warm = {"min_replicas": 1, "max_replicas": 1}
-    models = _models(pool, (GEN, EMB), autoscaling=warm)
+    models = pool.models(GEN, EMB, autoscaling=WARM)
     pool.deploy(pool.config(models))
     wait_for(lambda: pool.running_replica_ids(GEN) and pool.running_replica_ids(EMB), 120, "models warm")
     before = pool.running_replica_ids(GEN)

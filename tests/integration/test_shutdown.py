@@ -12,16 +12,14 @@ import pytest
 from zeroserve.cluster import read_cluster, stop_local
 from zeroserve.loadgen import judge_sse
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
 GEN = "tiny-llama"
 
 
 @pytest.mark.stops_cluster
 def test_stop_lets_streams_in_flight_finish(pool: Pool) -> None:
-    models = {a["name"]: a["args"] for a in pool.config()["applications"][1:] if a["name"] == GEN}
-    models[GEN] = {**models[GEN], "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    pool.deploy(pool.config(models))
+    pool.deploy(pool.config(pool.models(GEN, autoscaling=WARM)))
     wait_for(lambda: pool.running_replica_ids(GEN), 120, f"{GEN} warm")
 
     first_chunk = threading.Barrier(4)

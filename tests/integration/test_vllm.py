@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
 VLLM = "tiny-llama-vllm"
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,14 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def vllm_pool(pool: Pool) -> Pool:
-    only = {name: args for name, args in _demo_models(pool).items() if name == VLLM}
-    pool.deploy(pool.config(only))
+    pool.deploy(pool.config(pool.models(VLLM)))
     return pool
-
-
-def _demo_models(pool: Pool) -> dict[str, dict[str, Any]]:
-    cfg = pool.config()
-    return {a["name"]: a["args"] for a in cfg["applications"][1:]}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +125,7 @@ def test_a_dead_engine_core_fails_health_and_the_replica_is_replaced(vllm_pool: 
     import psutil
 
     # Held at one replica: a replacement can only come from the failure, not from traffic.
-    held = {VLLM: {**_demo_models(vllm_pool)[VLLM], "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+    held = vllm_pool.models(VLLM, autoscaling=WARM)
     vllm_pool.deploy(vllm_pool.config(held), timeout_s=300)
     wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
     client = vllm_pool.openai(timeout=300)
