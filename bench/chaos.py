@@ -35,9 +35,9 @@ DOC = ROOT / "docs" / "reliability.md"
 
 
 def config(port: int, extra: dict[str, dict[str, Any]] | None = None, **gen: Any) -> dict[str, Any]:
-    cfg = demo_config(port, {"min_replicas": 1, "max_replicas": 1})
+    cfg = demo_config(port, {"min_replicas": 1, "max_replicas": 1}, only=(EMB, GEN, CLS))
     cfg["applications"][0]["args"] = {**cfg["applications"][0]["args"], "num_replicas": 2}
-    apps = [cfg["applications"][0]] + [a for a in cfg["applications"][1:] if a["name"] in (EMB, GEN, CLS)]
+    apps = cfg["applications"]
     for app in apps:
         if app["name"] == GEN:
             app["args"].update(gen)

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,12 @@ def cluster() -> Iterator[tuple[LocalCluster, int]]:
         stop_local(run_dir)
 
 
-def demo_config(port: int, autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
+def demo_config(port: int, autoscaling: dict[str, Any] | None = None, only: Collection[str] = ()) -> dict[str, Any]:
+    """The demo config on ``port``; ``only``: the gateway and just these models."""
     cfg = copy.deepcopy(load_serve_config(ROOT / "serve_config.demo.yaml"))
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    gateway, *models = cfg["applications"]
+    cfg["applications"] = [gateway, *(a for a in models if not only or a["name"] in only)]
     for app in cfg["applications"][1:]:
         app["args"]["autoscaling"] = {**app["args"].get("autoscaling", {}), **(autoscaling or {})}
     return cfg

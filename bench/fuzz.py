@@ -15,14 +15,12 @@ run in tests/unit/test_gateway_fuzz.py with fewer examples.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import platform
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -32,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 from tests.unit.gateway_support import HEALTHY_MODELS, FakeBackend, fuzz_schema  # noqa: E402
 from zeroserve.config import GatewaySpec  # noqa: E402
 from zeroserve.gateway import create_app  # noqa: E402
+from zeroserve.loadgen import require_loopback  # noqa: E402
 
 
 def machine() -> str:
@@ -52,14 +51,10 @@ def machine() -> str:
 
 def loopback(url: str) -> str:
     """The URL without a trailing slash, or SystemExit unless its host is this machine."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
     try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = False
-    if parts.scheme not in ("http", "https") or not local:
-        raise SystemExit(f"--url must be http(s) on a loopback host (127.0.0.1, ::1, localhost), not {url!r}")
+        require_loopback(url)
+    except ValueError as err:
+        raise SystemExit(f"--url: {err}") from None
     return url.rstrip("/")
 
 

@@ -41,10 +41,9 @@ DOC = ROOT / "docs" / "reliability.md"
 
 
 def config(port: int, bounded: bool) -> dict[str, Any]:
-    cfg = demo_config(port)
-    gateway = cfg["applications"][0]
-    apps = [a for a in cfg["applications"][1:] if a["name"] == MODEL]
-    args = apps[0]["args"]
+    cfg = demo_config(port, only=[MODEL])
+    gateway, model = cfg["applications"]
+    args = model["args"]
     args.update(max_ongoing_requests=4, max_batch_size=4, autoscaling={"min_replicas": 1, "max_replicas": 1})
     if bounded:
         args["max_queued_requests"] = 8
@@ -55,7 +54,6 @@ def config(port: int, bounded: bool) -> dict[str, Any]:
             "max_inflight_requests": 1_000_000,
             "max_inflight_per_model": 1_000_000,
         }
-    cfg["applications"] = [gateway, *apps]
     return cfg
 
 

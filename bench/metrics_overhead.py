@@ -23,8 +23,7 @@ def main() -> None:
     rows = []
     with cluster() as (c, port):
         for label, metrics in (("on", True), ("off", False), ("on (again)", True)):
-            cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1})
-            cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", MODEL)]
+            cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1}, only=[MODEL])
             cfg["applications"][0]["args"]["metrics"] = metrics
             deploy(c, cfg, port)
             lat = embedding_latencies(port, args.n)

@@ -27,8 +27,7 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 def gateway_config(port: int, ledger: dict | None) -> dict:
-    cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1})
-    cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", MODEL)]
+    cfg = demo_config(port, {"min_replicas": 1, "initial_replicas": 1}, only=[MODEL])
     if ledger is not None:
         cfg["applications"][0]["args"]["auth"] = {
             "enabled": True,
@@ -110,7 +109,8 @@ def main() -> None:
                 deploy(c, gateway_config(port, ledger), port)
                 latency[label] = sequential(port, key, args.n)
                 if key is not None:
-                    wait(lambda: metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total") >= 0, 30)
+                    # The meter's series is exported (the sequential requests above were charged).
+                    wait(lambda: "ray_zeroserve_gpu_seconds_total{" in httpx.get(c.metrics_url, timeout=10).text, 30)
                     time.sleep(3)
                     before = metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total")
                     rate, charged = concurrent_charges(port, key, 400)

@@ -22,7 +22,7 @@ import time
 
 import httpx
 import openai
-from common import ROOT, cluster, deploy, machine, pct, wait
+from common import ROOT, cluster, demo_config, deploy, machine, pct, wait
 
 from zeroserve.cluster import free_port
 
@@ -111,11 +111,8 @@ def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
 
 
 def zeroserve(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
-    from common import demo_config
-
     with cluster() as (c, port):
-        cfg = demo_config(port)
-        cfg["applications"] = [a for a in cfg["applications"] if a["name"] in ("gateway", NAME)]
+        cfg = demo_config(port, only=[NAME])
         deploy(c, cfg, port)
         start = time.perf_counter()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600)

@@ -15,6 +15,7 @@ endpoint the way clients do, over loopback only. Nothing here knows about Ray.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import threading
@@ -33,7 +34,6 @@ __all__ = ["Kind", "Outcome", "Shot", "Tally", "judge_json", "judge_sse", "mixed
 Kind = Literal["embed", "classify", "chat", "chat_stream", "completion_stream"]
 Verdict = Literal["ok", "retryable", "lost"]
 
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Error types (OpenAI's "type") of the refusals a client should retry: 503 and 429 in HTTP.
 # An "internal_error" event on a stream is a server failure, not a refusal.
 _RETRYABLE_TYPES = {"service_unavailable", "server_overloaded", "rate_limit_error"}
@@ -98,10 +98,21 @@ def mixed(embed: str, generate: str, classify: str) -> list[Shot]:
 
 
 def require_loopback(base_url: str) -> None:
-    """Refuse to aim load at anything but this machine."""
-    host = urlsplit(base_url).hostname or ""
-    if host not in _LOOPBACK:
-        raise ValueError(f"load is only sent to loopback, not to {host!r}")
+    """Refuse to aim load (or hostile input) at anything but this machine.
+
+    Raises:
+        ValueError: not http(s) on a loopback host (127.0.0.0/8, ::1, localhost).
+    """
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if parts.scheme not in ("http", "https") or not local:
+        raise ValueError(
+            f"load is only sent to http(s) on a loopback host (127.0.0.1, ::1, localhost), not {base_url!r}"
+        )
 
 
 def _request(shot: Shot) -> tuple[str, dict[str, Any]]:

@@ -49,7 +49,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_four_vllm_engines_share_one_gpu(tmp_path: Path, demo_models: dict[str, Path]) -> None:
+def test_four_vllm_engines_share_one_gpu(demo_models: dict[str, Path]) -> None:
     model = demo_models["tiny-llama"]
     procs = [
         subprocess.Popen(

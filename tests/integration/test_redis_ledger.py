@@ -8,7 +8,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -63,7 +62,7 @@ def test_redis_ledger_charges_once_under_concurrency(redis_url: str) -> None:
     assert [k.key_id for k in ledger.list_keys()] == [key_id]
 
 
-async def test_two_gateways_share_one_redis_ledger(redis_url: str, tmp_path: Path) -> None:
+async def test_two_gateways_share_one_redis_ledger(redis_url: str) -> None:
     auth = AuthSpec.model_validate(
         {
             "enabled": True,

@@ -209,7 +209,7 @@ async def test_classify_follows_vllm_shape(client: httpx.AsyncClient) -> None:
     }
 
 
-async def test_status_endpoint_reports_models_and_pool(client: httpx.AsyncClient, backend: FakeBackend) -> None:
+async def test_status_endpoint_reports_models_and_pool(client: httpx.AsyncClient) -> None:
     await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
     resp = await client.get("/v1/zeroserve/status")
     body = resp.json()

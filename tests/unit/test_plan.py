@@ -93,7 +93,7 @@ def test_a_model_goes_only_where_its_share_holds_it() -> None:
     assert placement.assigned["big"] == [("llm", 0.5)] and placement.assigned["small"] == [("emb", 0.5)]
 
 
-def test_plan_refuses_with_need_and_budget(tmp_path: Path) -> None:
+def test_plan_refuses_with_need_and_budget() -> None:
     spec = ModelSpec(task="generate", model="org/x", weights_gb=30, gpu_fraction=0.25)
     result = plan({"qwen": spec}, parse_gpus("1xA100-80GB"))
     assert not result.ok

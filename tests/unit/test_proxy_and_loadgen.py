@@ -29,7 +29,6 @@ async def _drive(app: Any) -> list[dict[str, Any]]:
     return sent
 
 
-@pytest.mark.asyncio
 async def test_no_answer_becomes_503_with_retry_after() -> None:
     async def died(scope: Any, receive: Any, send: Any) -> None:
         return None  # what Serve's proxy does when the replica dies before the response starts
@@ -44,7 +43,6 @@ async def test_no_answer_becomes_503_with_retry_after() -> None:
     assert sent[1]["more_body"] is False
 
 
-@pytest.mark.asyncio
 async def test_cut_stream_ends_with_error_event_and_done() -> None:
     async def cut(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
@@ -60,7 +58,6 @@ async def test_cut_stream_ends_with_error_event_and_done() -> None:
     assert verdict == "retryable"
 
 
-@pytest.mark.asyncio
 async def test_whole_answers_pass_untouched_and_503s_get_retry_after() -> None:
     async def fine(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
@@ -91,7 +88,6 @@ async def test_whole_answers_pass_untouched_and_503s_get_retry_after() -> None:
     assert dict(sent[0]["headers"])[b"retry-after"] == b"1" and sent[1]["body"] == b'{"error": {}}'
 
 
-@pytest.mark.asyncio
 async def test_a_client_that_left_gets_nothing_more() -> None:
     async def left(scope: Any, receive: Any, send: Any) -> None:
         await receive()
