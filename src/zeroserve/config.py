@@ -178,9 +178,13 @@ class TierSpec(_Strict):
     models: list[str] | None = Field(default=None, description="Models this tier may use (default: all).")
 
 
+# Where API keys and charges live when nothing else is said (one machine).
+DEFAULT_LEDGER_PATH = "~/.zeroserve/ledger.sqlite3"
+
+
 class LedgerSpec(_Strict):
     backend: Literal["sqlite", "redis"] = "sqlite"
-    path: str = Field(default="~/.zeroserve/ledger.sqlite3", description="SQLite file (one machine).")
+    path: str = Field(default=DEFAULT_LEDGER_PATH, description="SQLite file (one machine).")
     url: str | None = Field(default=None, description="redis://host:port/db (several nodes).")
 
     @model_validator(mode="after")

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
 import sqlite3
@@ -30,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
+
+from zeroserve.config import DEFAULT_LEDGER_PATH
 
 __all__ = [
     "KeyRecord",
@@ -233,7 +234,7 @@ def open_ledger(backend: str, path: str | None = None, url: str | None = None) -
         if not url:
             raise ValueError("the redis ledger needs a url")
         return RedisLedger(url)
-    return SQLiteLedger(path or os.path.expanduser("~/.zeroserve/ledger.sqlite3"))
+    return SQLiteLedger(path or DEFAULT_LEDGER_PATH)
 
 
 class SharedMeter:

@@ -72,6 +72,8 @@ _T = TypeVar("_T", bound=BaseModel)
 
 # How often a request waiting for a cold model checks that the model has not failed to start.
 _FAILURE_POLL_S = 1.0
+# What a client sees of an unexpected failure (the traceback goes to the log only).
+_INTERNAL_ERROR = error_body("The server had an error while processing your request.", "internal_error")
 
 
 class Admission:
@@ -191,7 +193,7 @@ class _RequestIdMiddleware:
             if not started:
                 logger.exception("[%s] unhandled error", request_id)
                 response = JSONResponse(
-                    error_body("The server had an error while processing your request.", "internal_error"),
+                    _INTERNAL_ERROR,
                     status_code=500,
                 )
                 await response(scope, receive, send_with_id)  # type: ignore[arg-type]
@@ -313,7 +315,7 @@ def create_app(
         request_id = getattr(request.state, "request_id", None)
         logger.exception("[%s] unexpected error", request_id)
         return JSONResponse(
-            error_body("The server had an error while processing your request.", "internal_error"),
+            _INTERNAL_ERROR,
             status_code=500,
         )
 
@@ -406,12 +408,13 @@ def create_app(
         except BaseException:
             fair.release(grant)
             raise
-        capacity = entry.spec.max_ongoing_requests * max(1, entry.replicas, entry.target_replicas)
+        replicas = max(1, entry.replicas, entry.target_replicas)
+        capacity = entry.spec.max_ongoing_requests * replicas
         grant.extra["capacity"] = capacity
         grant.extra["charge_id"] = uuid.uuid4().hex
         # The model's own queue bound (max_queued_requests per replica) holds here, where requests
         # wait: beyond it a request is shed at once instead of waiting out its timeout.
-        max_waiting = entry.spec.max_queued_requests * max(1, entry.replicas, entry.target_replicas)
+        max_waiting = entry.spec.max_queued_requests * replicas
         try:
             await asyncio.wait_for(
                 dispatcher.acquire(entry.name, capacity, grant.priority, grant.predicted_s, max_waiting),
