@@ -8,9 +8,7 @@ and metered GPU-seconds against the replica's measured engine time.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import httpx
 from common import cluster, demo_config, deploy, embedding_latencies, machine, pct, wait
 
-from zeroserve.cluster import free_port
+from zeroserve.cluster import local_redis
 from zeroserve.quota import KeyRecord, hash_key, new_key, open_ledger
 
 MODEL = "all-MiniLM-L6-v2"
@@ -76,25 +74,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     latency, throughput = {}, {}
-    try:
+    with local_redis(tmp) as redis_url:
         with cluster() as (c, port):
             for label, ledger in (
                 ("off", None),
@@ -117,8 +98,6 @@ def main() -> None:
                     time.sleep(4)  # one metrics export interval and more
                     busy = metric(c.metrics_url, "ray_zeroserve_gpu_seconds_total") - before
                     throughput[label] = (rate, charged, busy)
-    finally:
-        redis.terminate()
     print(f"machine: {machine()}")
     print("| auth + metering | p50 ms | p99 ms |\n| --- | --- | --- |")
     for label, values in latency.items():

@@ -21,16 +21,18 @@ needs ``start_local(..., loopback_only=False)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "free_port",
     "head_command",
     "kill_node",
+    "local_redis",
     "ray_env",
     "read_cluster",
     "start_local",
@@ -401,3 +404,49 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def local_redis(workdir: Path, timeout_s: float = 20) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (the shared ledger's tests and benchmark).
+
+    Yields its URL once it answers a ping; stops it on exit.
+
+    Raises:
+        RuntimeError: redis-server is not installed (``make services`` installs Debian's).
+    """
+    import redis
+
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is missing: make services installs it (apt-get install redis-server)")
+    port = free_port()
+    cmd = [
+        server,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

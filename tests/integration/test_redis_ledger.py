@@ -3,15 +3,13 @@ what several gateway replicas across nodes share."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from zeroserve.cluster import free_port
+from zeroserve.cluster import local_redis
 from zeroserve.config import AuthSpec
 from zeroserve.gateway.fair import AuthError, FairShare
 from zeroserve.quota import KeyRecord, RedisLedger, day_of, hash_key, new_key
@@ -19,29 +17,8 @@ from zeroserve.quota import KeyRecord, RedisLedger, day_of, hash_key, new_key
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: make test installs it (apt-get install redis-server)"
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            RedisLedger(url).r.ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with local_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def test_redis_ledger_charges_once_under_concurrency(redis_url: str) -> None:
