@@ -70,8 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print("[red]the cluster has no GPUs zeroserve can place models on[/red]")
         return 2
     result = plan(models, gpus)
-    largest = max(g.memory_bytes for g in gpus)
-    table = Table(title=f"{args.config} on {len(gpus)} GPU(s), largest {largest / GB:.0f} GB")
+    table = Table(title=f"{args.config} on {len(gpus)} GPU(s), largest {result.largest_bytes / GB:.0f} GB")
     for col in (
         "model",
         "task/engine",
@@ -87,7 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if "GB" in col or col == "fraction" else "left")
     for name, spec in models.items():
         est = result.estimates.get(name)
-        share = spec.gpu_fraction * largest
+        share = result.share_bytes(spec)
         if est is None:
             table.add_row(
                 name, f"{spec.task}/{spec.engine}", f"{spec.gpu_fraction:g}", *["?"] * 5, f"{share / GB:.1f}", "-"

@@ -380,10 +380,15 @@ class PlanResult:
     placement: Placement
     errors: list[str]
     warnings: list[str]
+    largest_bytes: int = 0  # the largest card's memory: each model's share is of that
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def share_bytes(self, spec: ModelSpec) -> float:
+        """A model's share: its fraction of the largest card."""
+        return spec.gpu_fraction * self.largest_bytes
 
 
 def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, Path] | None = None) -> PlanResult:
@@ -423,4 +428,4 @@ def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, P
     placement = pack(items, gpus)
     for name, fraction in placement.unplaced:
         errors.append(f"model '{name}' ({fraction:g} GPU) does not fit: the cluster's GPUs are full")
-    return PlanResult(estimates, placement, errors, warnings)
+    return PlanResult(estimates, placement, errors, warnings, largest)
