@@ -348,8 +348,10 @@ def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None
         if n not in names and a.get("deployed_app_config")
     ]
     client.deploy_applications(config)
+    # Watch the names, not the import path: Serve clears a deleting app's
+    # ``deployed_app_config`` at once, but lists the app (DELETING) until its replicas exit.
     while time.monotonic() - started < timeout_s:
-        if not gateways(client.get_serve_details()) & names:
+        if not names & set(client.get_serve_details().get("applications") or {}):
             return time.monotonic() - started
         time.sleep(0.5)
     raise TimeoutError(f"the gateway still had requests to finish after {timeout_s:.0f} s")
