@@ -7,7 +7,11 @@ the same model on the vLLM engine. Also: engine start time on CPU with the engin
 in-process (``LLM``, VLLM_ENABLE_V1_MULTIPROCESSING=0) and in a subprocess (``AsyncLLM``,
 what serving needs).
 
-    .venv/bin/python bench/vllm_overhead.py [--requests-per-level 32]
+    .venv/bin/python bench/vllm_overhead.py [--requests-per-level 32] [--model tiny|wide]
+
+``--model wide`` swaps the tiny Llama (about 3 ms per engine step here) for one with the same
+tokenizer and random weights, wide enough that an engine step costs what a real model's does
+on a GPU (tens of ms): how much of the gap is zeroserve's cost per streamed chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -28,6 +33,14 @@ from zeroserve.cluster import free_port
 
 MODEL_PATH = str(ROOT / "models" / "tiny-llama")
 NAME = "tiny-llama-vllm"
+# Shapes for --model wide: ~110M parameters, head_dim 64.
+WIDE = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
 
@@ -76,6 +89,22 @@ def run_levels(base_url: str, per_level: int) -> dict[int, dict[str, float]]:
     return {c: asyncio.run(load(base_url, c, max(per_level, c))) for c in LEVELS}
 
 
+def build_wide(out: Path) -> str:
+    """The tiny Llama's tokenizer and config, widened, random weights (ignore_eos needs no sense)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        config = LlamaConfig.from_pretrained(MODEL_PATH)
+        for key, value in WIDE.items():
+            setattr(config, key, value)
+        config.head_dim = WIDE["hidden_size"] // WIDE["num_attention_heads"]
+        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(MODEL_PATH).save_pretrained(out)
+    return str(out)
+
+
 def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -113,6 +142,7 @@ def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
 def zeroserve(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
     with cluster() as (c, port):
         cfg = demo_config(port, only=[NAME])
+        cfg["applications"][1]["args"]["model"] = MODEL_PATH
         deploy(c, cfg, port)
         start = time.perf_counter()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600)
@@ -157,14 +187,19 @@ print("START", time.perf_counter() - t)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-per-level", type=int, default=32)
+    parser.add_argument("--model", choices=("tiny", "wide"), default="tiny")
     args = parser.parse_args()
+    if args.model == "wide":
+        global MODEL_PATH
+        MODEL_PATH = build_wide(ROOT / "models" / "bench-llama-wide")
     starts = {"in-process (LLM)": engine_start(True), "engine-core subprocess (AsyncLLM)": engine_start(False)}
     v_start, v = vllm_server(args.requests_per_level)
     z_cold, z = zeroserve(args.requests_per_level)
     import vllm
 
     print(f"machine: {machine()}, vllm {vllm.__version__}")
-    print("| engine start on CPU (tiny-llama) | s |\n| --- | --- |")
+    print(f"model: {MODEL_PATH}")
+    print("| engine start on CPU | s |\n| --- | --- |")
     for k, s in starts.items():
         print(f"| {k} | {s:.1f} |")
     print(
