@@ -401,11 +401,25 @@ def _stop_group(pgid: int, grace_s: float) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs: zombies do not count.
+
+    A dead ``ray start`` stays a zombie until its parent reaps it (the test session, or
+    nobody where the init process does not reap), and ``killpg(pgid, 0)`` still succeeds
+    then: counting it made every stop wait out both grace periods (20 s).
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # After "(comm)": state, ppid, pgrp, ...
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            return True
+    return not Path("/proc/self/stat").is_file()  # no /proc to look in: trust killpg
 
 
 @contextlib.contextmanager

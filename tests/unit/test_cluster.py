@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from zeroserve.cluster import LOOPBACK_ENV, RAY_ENV, LocalCluster, add_node, head_command, ray_env, read_cluster
+from zeroserve.cluster import (
+    LOOPBACK_ENV,
+    RAY_ENV,
+    LocalCluster,
+    _group_alive,
+    _stop_group,
+    add_node,
+    head_command,
+    ray_env,
+    read_cluster,
+)
 
 
 def _head(**kwargs: object) -> list[str]:
@@ -82,3 +94,19 @@ def test_a_record_from_before_the_loopback_field_still_reads(tmp_path: Path) -> 
     )
     cluster = read_cluster(tmp_path)  # pid 1 is alive on any Linux
     assert cluster is not None and cluster.loopback_only is False
+
+
+def test_stopping_a_group_does_not_wait_on_its_zombies() -> None:
+    # A stopped `ray start` stays a zombie until its parent (here: this test) reaps it.
+    leader = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        started = time.monotonic()
+        _stop_group(leader.pid, grace_s=5)
+        took = time.monotonic() - started
+        os.killpg(leader.pid, 0)  # the zombie is still in its group, unreaped...
+        assert not _group_alive(leader.pid)  # ...but nothing of the group runs
+        assert took < 2, f"waited {took:.1f} s on a dead group"
+    finally:
+        leader.kill()
+        leader.wait()
+    assert not _group_alive(leader.pid)
