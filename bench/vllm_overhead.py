@@ -8,10 +8,13 @@ in-process (``LLM``, VLLM_ENABLE_V1_MULTIPROCESSING=0) and in a subprocess (``As
 what serving needs).
 
     .venv/bin/python bench/vllm_overhead.py [--requests-per-level 32] [--model tiny|wide]
+        [--stream-interval N]
 
 ``--model wide`` swaps the tiny Llama (about 3 ms per engine step here) for one with the same
 tokenizer and random weights, wide enough that an engine step costs what a real model's does
 on a GPU (tens of ms): how much of the gap is zeroserve's cost per streamed chunk.
+``--stream-interval N`` gives both servers vLLM's ``--stream-interval`` (zeroserve:
+``vllm.stream_interval``): N tokens per streamed chunk.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ WIDE = {
 }
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
+STREAM_INTERVAL: int | None = None
 
 
 async def load(base_url: str, concurrency: int, total: int) -> dict[str, float]:
@@ -128,6 +132,8 @@ def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
         "--port",
         str(port),
     ]
+    if STREAM_INTERVAL:
+        cmd += ["--stream-interval", str(STREAM_INTERVAL)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -143,6 +149,8 @@ def zeroserve(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
     with cluster() as (c, port):
         cfg = demo_config(port, only=[NAME])
         cfg["applications"][1]["args"]["model"] = MODEL_PATH
+        if STREAM_INTERVAL:
+            cfg["applications"][1]["args"]["vllm"]["stream_interval"] = STREAM_INTERVAL
         deploy(c, cfg, port)
         start = time.perf_counter()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600)
@@ -188,9 +196,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-per-level", type=int, default=32)
     parser.add_argument("--model", choices=("tiny", "wide"), default="tiny")
+    parser.add_argument("--stream-interval", type=int, default=None)
     args = parser.parse_args()
+    global MODEL_PATH, STREAM_INTERVAL
+    STREAM_INTERVAL = args.stream_interval
     if args.model == "wide":
-        global MODEL_PATH
         MODEL_PATH = build_wide(ROOT / "models" / "bench-llama-wide")
     starts = {"in-process (LLM)": engine_start(True), "engine-core subprocess (AsyncLLM)": engine_start(False)}
     v_start, v = vllm_server(args.requests_per_level)
@@ -198,7 +208,7 @@ def main() -> None:
     import vllm
 
     print(f"machine: {machine()}, vllm {vllm.__version__}")
-    print(f"model: {MODEL_PATH}")
+    print(f"model: {MODEL_PATH}, stream interval: {STREAM_INTERVAL or 1}")
     print("| engine start on CPU | s |\n| --- | --- |")
     for k, s in starts.items():
         print(f"| {k} | {s:.1f} |")

@@ -95,6 +95,12 @@ class VLLMOptions(_Strict):
     max_num_seqs: int | None = Field(default=None, gt=0)
     enforce_eager: bool | None = Field(default=None, description="Default: true on CPU only.")
     enable_prefix_caching: bool | None = None
+    stream_interval: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens per streamed chunk (vLLM's --stream-interval; vLLM's default 1). "
+        "Raise it where host CPUs are scarce: each chunk crosses two Ray hops.",
+    )
     cpu_kv_cache_space_gb: float = Field(
         default=1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."
     )

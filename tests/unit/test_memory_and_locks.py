@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from zeroserve.config import ConfigError, ModelSpec, parse_model_spec
 from zeroserve.engines.vllm_engine import vllm_cli_args
@@ -68,6 +69,24 @@ def test_vllm_cli_args_on_cpu_and_gpu() -> None:
     assert "--enforce-eager" not in gpu and gpu[gpu.index("--dtype") + 1] == "auto"
     emb = vllm_cli_args(ModelSpec(task="embed", engine="vllm", model="./e"), "e", "/e", False, None)
     assert emb[emb.index("--runner") + 1] == "pooling" and emb[emb.index("--convert") + 1] == "embed"
+    assert "--stream-interval" not in cpu  # vLLM's own default unless the config says
+
+
+def test_vllm_options_reach_vllms_own_parser() -> None:
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    spec = ModelSpec(
+        task="generate",
+        engine="vllm",
+        model="./m",
+        vllm={"stream_interval": 4, "max_num_seqs": 8, "enable_prefix_caching": False},
+    )
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(spec, "m", "/abs/m", False, None))
+    assert (args.stream_interval, args.max_num_seqs, args.enable_prefix_caching) == (4, 8, False)
+    with pytest.raises(ValidationError):
+        ModelSpec(task="generate", engine="vllm", model="./m", vllm={"stream_interval": 0})
 
 
 def test_start_lock_serializes_and_survives_a_killed_holder(tmp_path: Path) -> None:

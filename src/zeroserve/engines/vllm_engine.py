@@ -70,6 +70,8 @@ def vllm_cli_args(spec: ModelSpec, name: str, source: str, cuda: bool, total_byt
         argv += ["--max-num-seqs", str(opts.max_num_seqs)]
     if opts.enable_prefix_caching is not None:
         argv.append("--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching")
+    if opts.stream_interval:
+        argv += ["--stream-interval", str(opts.stream_interval)]
     return argv
 
 
