@@ -387,39 +387,49 @@ def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool
     return was_running
 
 
-def _stop_group(pgid: int, grace_s: float) -> None:
+def _stop_group(leader: int, grace_s: float) -> None:
+    """Stop a node started in a session of its own; ``leader`` is its ``ray start``.
+
+    Ray gives each worker (Serve's proxy and controller, the replicas) a process group of
+    its own, in the node's session: they are signalled too, and waited for, so that a
+    cluster started next finds the ports and memory free.
+    """
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+        pids = _session_pids(leader)
+        if not pids:
             return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(pgid):
+        while time.monotonic() < deadline and _session_pids(leader):
             time.sleep(0.2)
-        if not _group_alive(pgid):
-            return
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs: zombies do not count.
+def _session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` that still run; zombies do not count.
 
     A dead ``ray start`` stays a zombie until its parent reaps it (the test session, or
-    nobody where the init process does not reap), and ``killpg(pgid, 0)`` still succeeds
-    then: counting it made every stop wait out both grace periods (20 s).
+    nobody where the init process does not reap); counting it made every stop wait out
+    both grace periods (20 s). Without /proc, the leader's process group is all we see
+    (as ``-sid``: ``os.kill`` signals the group).
     """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(sid, 0)
+        except ProcessLookupError:
+            return []
+        return [-sid]
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            # After "(comm)": state, ppid, pgrp, ...
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            # After "(comm)": state, ppid, pgrp, session, ...
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        if int(group) == pgid and state != "Z":
-            return True
-    return not Path("/proc/self/stat").is_file()  # no /proc to look in: trust killpg
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 @contextlib.contextmanager

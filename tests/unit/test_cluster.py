@@ -15,7 +15,7 @@ from zeroserve.cluster import (
     LOOPBACK_ENV,
     RAY_ENV,
     LocalCluster,
-    _group_alive,
+    _session_pids,
     _stop_group,
     add_node,
     head_command,
@@ -96,17 +96,37 @@ def test_a_record_from_before_the_loopback_field_still_reads(tmp_path: Path) -> 
     assert cluster is not None and cluster.loopback_only is False
 
 
-def test_stopping_a_group_does_not_wait_on_its_zombies() -> None:
-    # A stopped `ray start` stays a zombie until its parent (here: this test) reaps it.
-    leader = subprocess.Popen(["sleep", "300"], start_new_session=True)
+def test_stopping_a_node_reaches_its_whole_session_and_skips_zombies() -> None:
+    # Like `ray start`: a session leader whose worker sits in a process group of its own.
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "w = subprocess.Popen(['sleep', '300'], process_group=0)\n"
+            "print(w.pid, flush=True)\n"
+            "time.sleep(300)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
+        assert leader.stdout is not None
+        worker = int(leader.stdout.readline())
+        assert os.getpgid(worker) != leader.pid and os.getsid(worker) == leader.pid
         started = time.monotonic()
         _stop_group(leader.pid, grace_s=5)
         took = time.monotonic() - started
-        os.killpg(leader.pid, 0)  # the zombie is still in its group, unreaped...
-        assert not _group_alive(leader.pid)  # ...but nothing of the group runs
-        assert took < 2, f"waited {took:.1f} s on a dead group"
+        os.killpg(leader.pid, 0)  # the leader is a zombie still in its group, unreaped...
+        assert _session_pids(leader.pid) == []  # ...but nothing of the session runs
+        state = (
+            Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{worker}").exists()
+            else "gone"
+        )
+        assert state in ("Z", "gone"), f"the worker in its own group survived the stop ({state})"
+        assert took < 2, f"waited {took:.1f} s on a dead session"
     finally:
         leader.kill()
         leader.wait()
-    assert not _group_alive(leader.pid)
