@@ -27,26 +27,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 from common import ROOT, cluster, demo_config, deploy, machine, pct, wait
 
 from zeroserve.cluster import free_port
+from zeroserve.config import ModelSpec, parse_model_spec
+from zeroserve.engines.vllm_engine import vllm_cli_args
 
 MODEL_PATH = str(ROOT / "models" / "tiny-llama")
 NAME = "tiny-llama-vllm"
-# Shapes for --model wide: ~110M parameters, head_dim 64.
+# Shapes for --model wide: ~110M parameters.
 WIDE = {
     "hidden_size": 768,
     "intermediate_size": 3072,
     "num_hidden_layers": 12,
     "num_attention_heads": 12,
     "num_key_value_heads": 4,
+    "head_dim": 64,
 }
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
-STREAM_INTERVAL: int | None = None
 
 
 async def load(base_url: str, concurrency: int, total: int) -> dict[str, float]:
@@ -103,37 +106,26 @@ def build_wide(out: Path) -> str:
         config = LlamaConfig.from_pretrained(MODEL_PATH)
         for key, value in WIDE.items():
             setattr(config, key, value)
-        config.head_dim = WIDE["hidden_size"] // WIDE["num_attention_heads"]
         LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
         AutoTokenizer.from_pretrained(MODEL_PATH).save_pretrained(out)
     return str(out)
 
 
-def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
+def vllm_server(per_level: int, spec: ModelSpec) -> tuple[float, dict[int, dict[str, float]]]:
+    """vLLM's own server with the engine arguments zeroserve's replica gives vLLM."""
+    assert spec.vllm is not None
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
-        "--model",
-        MODEL_PATH,
-        "--served-model-name",
-        NAME,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--seed",
-        "0",
+        *vllm_cli_args(spec, NAME, spec.model, cuda=False, total_bytes=None),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
     ]
-    if STREAM_INTERVAL:
-        cmd += ["--stream-interval", str(STREAM_INTERVAL)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -145,12 +137,10 @@ def vllm_server(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
         proc.wait(60)
 
 
-def zeroserve(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
+def zeroserve(per_level: int, args: dict[str, Any]) -> tuple[float, dict[int, dict[str, float]]]:
     with cluster() as (c, port):
         cfg = demo_config(port, only=[NAME])
-        cfg["applications"][1]["args"]["model"] = MODEL_PATH
-        if STREAM_INTERVAL:
-            cfg["applications"][1]["args"]["vllm"]["stream_interval"] = STREAM_INTERVAL
+        cfg["applications"][1]["args"] = args
         deploy(c, cfg, port)
         start = time.perf_counter()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600)
@@ -159,7 +149,7 @@ def zeroserve(per_level: int) -> tuple[float, dict[int, dict[str, float]]]:
         return cold, run_levels(f"http://127.0.0.1:{port}/v1", per_level)
 
 
-def engine_start(in_process: bool) -> float:
+def engine_start(in_process: bool, model: str) -> float:
     code = f"""
 import os, time, asyncio
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -167,12 +157,12 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "{0 if in_process else 1}"
 t = time.perf_counter()
 if {in_process}:
     from vllm import LLM
-    LLM(model={MODEL_PATH!r}, dtype="float32", enforce_eager=True, max_model_len=512)
+    LLM(model={model!r}, dtype="float32", enforce_eager=True, max_model_len=512)
 else:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
     async def main():
-        e = AsyncLLM.from_engine_args(AsyncEngineArgs(model={MODEL_PATH!r}, dtype="float32",
+        e = AsyncLLM.from_engine_args(AsyncEngineArgs(model={model!r}, dtype="float32",
                                                       enforce_eager=True, max_model_len=512))
         e.shutdown()
     if __name__ == "__main__":
@@ -198,17 +188,22 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "wide"), default="tiny")
     parser.add_argument("--stream-interval", type=int, default=None)
     args = parser.parse_args()
-    global MODEL_PATH, STREAM_INTERVAL
-    STREAM_INTERVAL = args.stream_interval
-    if args.model == "wide":
-        MODEL_PATH = build_wide(ROOT / "models" / "bench-llama-wide")
-    starts = {"in-process (LLM)": engine_start(True), "engine-core subprocess (AsyncLLM)": engine_start(False)}
-    v_start, v = vllm_server(args.requests_per_level)
-    z_cold, z = zeroserve(args.requests_per_level)
+    model = build_wide(ROOT / "models" / "bench-llama-wide") if args.model == "wide" else MODEL_PATH
+    # The demo's args for the model, both servers' engine arguments derived from them.
+    app_args = demo_config(0, only=[NAME])["applications"][1]["args"]
+    app_args["model"] = model
+    if args.stream_interval:
+        app_args["vllm"]["stream_interval"] = args.stream_interval
+    starts = {
+        "in-process (LLM)": engine_start(True, model),
+        "engine-core subprocess (AsyncLLM)": engine_start(False, model),
+    }
+    v_start, v = vllm_server(args.requests_per_level, parse_model_spec(app_args, NAME))
+    z_cold, z = zeroserve(args.requests_per_level, app_args)
     import vllm
 
     print(f"machine: {machine()}, vllm {vllm.__version__}")
-    print(f"model: {MODEL_PATH}, stream interval: {STREAM_INTERVAL or 1}")
+    print(f"model: {model}, stream interval: {args.stream_interval or 1}")
     print("| engine start on CPU | s |\n| --- | --- |")
     for k, s in starts.items():
         print(f"| {k} | {s:.1f} |")

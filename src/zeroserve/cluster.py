@@ -1,8 +1,8 @@
-"""Start and stop one local Ray cluster by its own process group, never a bare ``ray stop``.
+"""Start and stop one local Ray cluster by its own session, never a bare ``ray stop``.
 
 ``ray stop`` stops every Ray process on the machine, other people's too. zeroserve
 starts its head with ``ray start --head --block`` in a new session and records the
-session's id; stopping signals that process group only. Used by ``make run``/``make
+session's id; stopping signals that session's processes only. Used by ``make run``/``make
 stop`` and by the integration tests' session fixture.
 
 **Loopback only by default.** ``--node-ip-address 127.0.0.1`` alone is not enough: on
@@ -358,7 +358,7 @@ def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None
 
 
 def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool:
-    """Stop the cluster recorded in ``run_dir`` (its process groups only), gateway drained first.
+    """Stop the cluster recorded in ``run_dir`` (its nodes' sessions only), gateway drained first.
 
     Args:
         grace_s: how long Ray's processes get between SIGTERM and SIGKILL.
@@ -377,17 +377,17 @@ def stop_local(run_dir: Path, grace_s: float = 10, drain_s: float = 120) -> bool
             logger.warning("could not drain the gateway (%s); stopping anyway", err)
     if nodes.is_file():
         for line in nodes.read_text().split():
-            _stop_group(int(line), grace_s)
+            _stop_session(int(line), grace_s)
         nodes.unlink()
     if cluster is None:
         return False
     was_running = _alive(cluster.pid)
-    _stop_group(cluster.pid, grace_s)
+    _stop_session(cluster.pid, grace_s)
     state.unlink(missing_ok=True)
     return was_running
 
 
-def _stop_group(leader: int, grace_s: float) -> None:
+def _stop_session(leader: int, grace_s: float) -> None:
     """Stop a node started in a session of its own; ``leader`` is its ``ray start``.
 
     Ray gives each worker (Serve's proxy and controller, the replicas) a process group of

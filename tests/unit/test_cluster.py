@@ -16,7 +16,7 @@ from zeroserve.cluster import (
     RAY_ENV,
     LocalCluster,
     _session_pids,
-    _stop_group,
+    _stop_session,
     add_node,
     head_command,
     ray_env,
@@ -102,10 +102,10 @@ def test_stopping_a_node_reaches_its_whole_session_and_skips_zombies() -> None:
         [
             sys.executable,
             "-c",
-            "import subprocess, sys, time\n"
-            "w = subprocess.Popen(['sleep', '300'], process_group=0)\n"
+            "import signal, subprocess\n"
+            "w = subprocess.Popen(['sleep', 'infinity'], process_group=0)\n"
             "print(w.pid, flush=True)\n"
-            "time.sleep(300)\n",
+            "signal.pause()\n",  # until the stop's signal
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -116,7 +116,7 @@ def test_stopping_a_node_reaches_its_whole_session_and_skips_zombies() -> None:
         worker = int(leader.stdout.readline())
         assert os.getpgid(worker) != leader.pid and os.getsid(worker) == leader.pid
         started = time.monotonic()
-        _stop_group(leader.pid, grace_s=5)
+        _stop_session(leader.pid, grace_s=5)
         took = time.monotonic() - started
         os.killpg(leader.pid, 0)  # the leader is a zombie still in its group, unreaped...
         assert _session_pids(leader.pid) == []  # ...but nothing of the session runs
