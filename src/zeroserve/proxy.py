@@ -74,9 +74,12 @@ class ProxyFailsafe:
                 content_type = next((bytes(v) for k, v in headers if bytes(k).lower() == b"content-type"), b"")
                 sse = b"text/event-stream" in content_type
                 started = True
-                if message["status"] == 503 and b"application/json" not in content_type:
-                    plain_503 = bytearray()  # Serve's text: the client gets the OpenAI shape instead
-                    return
+                if message["status"] == 503:
+                    if b"application/json" not in content_type:
+                        plain_503 = bytearray()  # Serve's text: the client gets the OpenAI shape instead
+                        return
+                    if all(bytes(k).lower() != b"retry-after" for k, _ in headers):
+                        message = {**message, "headers": [*headers, (b"retry-after", self.retry_after)]}
             elif plain_503 is not None:
                 plain_503 += message.get("body", b"")
                 if not message.get("more_body", False):
@@ -85,10 +88,6 @@ class ProxyFailsafe:
                 return
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
-            if message["type"] == "http.response.start" and message["status"] == 503:
-                headers = list(message.get("headers") or [])
-                if all(bytes(k).lower() != b"retry-after" for k, _ in headers):
-                    message = {**message, "headers": [*headers, (b"retry-after", self.retry_after)]}
             await send(message)
 
         try:
