@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import GatewayMetrics
 from zeroserve.config import GatewaySpec, parse_gateway_spec
-from zeroserve.engines import Classification, Delta, Embedding
-from zeroserve.errors import ModelUnavailableError, OverloadedError, ZeroserveError
+from zeroserve.engines import Classification, Embedding
+from zeroserve.errors import ModelUnavailableError, ZeroserveError, model_failed, model_saturated, replica_died
 from zeroserve.gateway import ModelEntry, create_app, entries_from_details, gpus_in_use
 from zeroserve.gateway.backend import Prompt
 from zeroserve.logs import configure_logging
@@ -46,23 +46,11 @@ def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> Bas
     if isinstance(err, ZeroserveError):
         return err
     if isinstance(err, BackPressureError):
-        return OverloadedError(
-            f"model '{entry.name}' has too many queued requests; retry later",
-            code="overloaded",
-            retry_after_s=retry_after_s,
-        )
+        return model_saturated(entry.name, "has too many queued requests", retry_after_s)
     if isinstance(err, DeploymentUnavailableError):
-        return ModelUnavailableError(
-            f"model '{entry.name}' is unavailable: it failed to deploy",
-            code="model_failed",
-            retry_after_s=retry_after_s * 6,
-        )
+        return model_failed(entry.name, "it failed to deploy", retry_after_s)
     if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
-        return ModelUnavailableError(
-            f"model '{entry.name}' lost its replica during the request; retry",
-            code="replica_died",
-            retry_after_s=1,
-        )
+        return replica_died(entry.name)
     return err
 
 
@@ -172,7 +160,7 @@ class ServeBackend:
         except BaseException as err:
             raise _translate(err, entry, self.spec.retry_after_s) from None
 
-    async def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
+    async def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Any]:
         async for item in self._stream(entry, "stream", prompt, params):
             yield item
 

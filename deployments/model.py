@@ -19,12 +19,13 @@ from ray.serve import Application
 
 from deployments.metrics import ReplicaMetrics
 from zeroserve.config import ModelSpec, parse_model_spec
-from zeroserve.engines import Classification, Delta, Embedding, Engine, create_engine
+from zeroserve.engines import Classification, Embedding, Engine, create_engine
 from zeroserve.errors import ModelUnavailableError
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.quota import SharedMeter
 from zeroserve.streams import coalesce
+from zeroserve.wire import Accepted, Delta, Meter, OpenAIStream, Usage, decode, split_usage
 
 __all__ = ["ModelServer", "build"]
 
@@ -134,27 +135,32 @@ class ModelServer:
         return out
 
     # -- generation ----------------------------------------------------------------
-    async def stream(self, prompt: str | list[dict[str, str]], params: GenerateParams) -> AsyncIterator[Delta]:
+    async def stream(
+        self, prompt: str | list[dict[str, str]], params: GenerateParams
+    ) -> AsyncIterator[Accepted | Delta | Meter]:
+        """:class:`Accepted`, the deltas, then the request's :class:`Meter` reading (zeroserve.wire)."""
         text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
         with self._engine_work() as work:
-            async for delta in self.engine.stream(text, params):
-                yield delta
-        yield Delta(index=-2, gpu_s=work.engine_s * self.spec.gpu_fraction)
+            async for message in self.engine.stream(text, params):
+                yield decode(message)
+        yield Meter(work.engine_s * self.spec.gpu_fraction)
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        """An OpenAI request served by the engine's own OpenAI layer (vLLM).
+        """An OpenAI request served by the engine's own OpenAI layer (vLLM), in zeroserve.wire's
+        messages: :class:`OpenAIJson`, or :class:`OpenAIStream` then text with vLLM's usage chunk
+        as a :class:`Usage`; then the :class:`Meter` reading.
 
         SSE lines already waiting are sent as one item: each item costs a message on every
         hop (replica, gateway, proxy), which under load costs more than the tokens.
         """
         with self._engine_work() as work:
             stream = self.engine.openai(endpoint, body)
-            first = await anext(stream)
+            first = decode(await anext(stream))
             yield first
-            if first[0] == "sse":
-                async for chunk in coalesce(stream):
+            if isinstance(first, OpenAIStream):
+                async for chunk in coalesce(_usage_apart(stream)):
                     yield chunk
-        yield ("meter", work.engine_s * self.spec.gpu_fraction)
+        yield Meter(work.engine_s * self.spec.gpu_fraction)
 
     def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""
@@ -165,6 +171,13 @@ class ModelServer:
             "batch_sizes": list(self.batch_sizes),
             "peak_running_requests": getattr(self.engine, "peak_running_requests", None),
         }
+
+
+async def _usage_apart(stream: AsyncIterator[Any]) -> AsyncIterator[str | Usage]:
+    """vLLM's SSE lines, its usage chunk read as data into a :class:`Usage` of its own."""
+    async for line in stream:
+        for part in split_usage(line) if isinstance(line, str) else [decode(line)]:
+            yield part
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -32,12 +32,52 @@ def _print(msg: str = "") -> None:
     sys.stdout.flush()
 
 
+def _load_config(path: str) -> dict[str, Any]:
+    """Read a serve config and check the shape every command relies on.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or its ``applications`` are not a
+            list of mappings (each command then says so in one line, not a traceback).
+    """
+    import yaml
+
+    try:
+        config = load_serve_config(path)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    apps = config.get("applications")
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{path}: the config has no 'applications' list")
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            raise ConfigError(f"{path}: applications[{i}] is {app!r}, not a mapping with name, import_path and args")
+    return config
+
+
+def _load_yaml_mapping(path: str, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a cluster-launcher config); ConfigError otherwise."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a YAML mapping ({what})")
+    return data
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.configs:
         try:
-            gateway, models = validate_serve_config(load_serve_config(path))
-        except (ConfigError, OSError) as err:
+            gateway, models = validate_serve_config(_load_config(path))
+        except ConfigError as err:
             _print(f"{path}: INVALID\n{err}")
             status = 1
             continue
@@ -47,7 +87,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
     from rich.console import Console
     from rich.table import Table
 
@@ -55,15 +94,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     console = Console(width=140)
     try:
-        _, models = validate_serve_config(load_serve_config(args.config))
+        _, models = validate_serve_config(_load_config(args.config))
         if args.gpus:
             gpus = parse_gpus(args.gpus)
         elif args.cluster:
-            with open(args.cluster, encoding="utf-8") as f:
-                gpus = gpus_from_cluster(yaml.safe_load(f))
+            cluster = _load_yaml_mapping(args.cluster, "a Ray cluster-launcher config")
+            try:
+                gpus = gpus_from_cluster(cluster)
+            except (AttributeError, TypeError, ValueError) as err:
+                if isinstance(err, ConfigError):
+                    raise
+                # A node type that is not a mapping, a GPU count that is not a number...
+                raise ConfigError(f"{args.cluster}: malformed available_node_types: {err}") from None
         else:
             gpus = parse_gpus(os.environ.get("ZEROSERVE_GPUS_SPEC", "1x80GB"))
-    except (ConfigError, OSError) as err:
+    except ConfigError as err:
         console.print(f"[red]{err}[/red]")
         return 2
     if not gpus:
@@ -215,8 +260,13 @@ def _ledger_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     tiers: dict[str, Any] = {}
     backend, path, url = "sqlite", args.ledger_path, args.redis_url
     if args.config:
-        config = load_serve_config(args.config)
-        gateway = next(a for a in config["applications"] if a.get("import_path") == GATEWAY_BUILDER)
+        config = _load_config(args.config)
+        gateway = next((a for a in config["applications"] if a.get("import_path") == GATEWAY_BUILDER), None)
+        if gateway is None:
+            raise ConfigError(
+                f"{args.config}: no gateway application (import_path: {GATEWAY_BUILDER}), whose args "
+                "name the key ledger and the tiers; pass a config with one, or --ledger-path / --redis-url"
+            )
         auth = parse_gateway_spec(gateway.get("args")).auth
         tiers = dict(auth.tiers)
         backend, path, url = auth.ledger.backend, path or auth.ledger.path, url or auth.ledger.url
@@ -226,9 +276,25 @@ def _ledger_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from redis.exceptions import RedisError
+
+    if args.action in ("rotate", "revoke") and not args.key_id:
+        _print(f"keys {args.action} needs the KEY_ID (see `zeroserve keys list`)")
+        return 2
+    try:
+        ledger, tiers = _ledger_from_args(args)
+        return _keys(args, ledger, tiers)
+    except (OSError, sqlite3.Error, RedisError) as err:
+        where = args.redis_url or args.ledger_path or (f"the ledger of {args.config}" if args.config else "the ledger")
+        _print(f"cannot use the key ledger ({where}): {err}")
+        return 1
+
+
+def _keys(args: argparse.Namespace, ledger: Any, tiers: dict[str, Any]) -> int:
     from zeroserve.quota import KeyRecord, hash_key, new_key
 
-    ledger, tiers = _ledger_from_args(args)
     if args.action in ("create", "rotate"):
         tier, name = args.tier, args.name or ""
         if args.action == "rotate":
@@ -328,9 +394,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     from zeroserve.cluster import read_cluster
 
-    config = load_serve_config(args.config)
     try:
+        config = _load_config(args.config)
         _, models = validate_serve_config(config)
+        http = config.get("http_options") or {}
+        if not isinstance(http, dict):
+            raise ConfigError(f"http_options = {http!r}: expected a mapping (host, port)")
     except ConfigError as err:
         _print(f"{args.config}: refused, nothing deployed:\n{err}")
         return 1
@@ -341,8 +410,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             _print("no local cluster: run `zeroserve start` (or `make run`), or pass --address")
             return 1
         address = cluster.dashboard_url
-    ServeSubmissionClient(address).deploy_applications(config)
-    http = config.get("http_options") or {}
+    try:
+        ServeSubmissionClient(address).deploy_applications(config)
+    except (OSError, RuntimeError) as err:  # unreachable dashboard (ConnectionError), or Serve refused the config
+        _print(f"deploying {args.config} to {address} failed: {err}")
+        return 1
     host = http.get("host", "127.0.0.1")
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
     _print(f"deployed {args.config} to {address}; {len(models)} models")
@@ -420,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_deploy)
 
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        # A config or file missing a piece a command needs: say which, exit non-zero, no traceback.
+        sys.stderr.write(f"zeroserve {args.command}: {err}\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -170,6 +170,11 @@ class ModelSpec(_Strict):
         return value
 
     @property
+    def serves_openai(self) -> bool:
+        """Whether the engine has its own OpenAI layer, which the gateway forwards requests to (vLLM)."""
+        return self.engine == "vllm"
+
+    @property
     def is_local(self) -> bool:
         return self.model.startswith(("/", "./", "../", "~"))
 

@@ -7,7 +7,10 @@ client whether to retry: 4xx means fix the request, 429/503 come with ``Retry-Af
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "ZeroserveError",
@@ -23,6 +26,12 @@ __all__ = [
     "ForbiddenError",
     "QuotaError",
     "error_body",
+    "MODEL_FAILED_RETRY_FACTOR",
+    "model_failed",
+    "model_not_ready",
+    "model_saturated",
+    "replica_died",
+    "from_validation",
 ]
 
 
@@ -164,3 +173,47 @@ class EngineError(ZeroserveError):
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """Build the OpenAI error body."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# A model that failed to start is retried by its owner (a fix and a redeploy), not in seconds.
+MODEL_FAILED_RETRY_FACTOR = 6
+
+
+def model_failed(name: str, reason: str, retry_after_s: float) -> ModelUnavailableError:
+    """Serve gave up starting ``name`` (its constructor failed), or it is gone."""
+    return ModelUnavailableError(
+        f"model '{name}' failed to start: {reason or 'see serve status'}",
+        code="model_failed",
+        retry_after_s=retry_after_s * MODEL_FAILED_RETRY_FACTOR,
+    )
+
+
+def model_not_ready(name: str, waited_s: float, state: str, retry_after_s: float) -> ModelUnavailableError:
+    """A request's wait for a cold (or busy) model ran out."""
+    return ModelUnavailableError(
+        f"model '{name}' did not answer within {waited_s:.0f} s (state was {state}); it may be waking "
+        "or may not fit on the cluster's GPUs right now. Retry later.",
+        code="model_not_ready",
+        retry_after_s=retry_after_s,
+    )
+
+
+def model_saturated(name: str, why: str, retry_after_s: float) -> OverloadedError:
+    """The model's capacity and wait queue are full: shed this request at once."""
+    return OverloadedError(f"model '{name}' {why}; retry later", code="overloaded", retry_after_s=retry_after_s)
+
+
+def replica_died(name: str) -> ModelUnavailableError:
+    """The replica serving a request went away during it."""
+    return ModelUnavailableError(
+        f"model '{name}' lost its replica during the request; retry", code="replica_died", retry_after_s=1
+    )
+
+
+def from_validation(err: ValidationError) -> InvalidRequestError:
+    """A 400 naming the first invalid field: ``"loc: message"`` with ``param`` its top-level name."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    msg = first["msg"].removeprefix("Value error, ")
+    where = ".".join(loc)
+    return InvalidRequestError(f"{where}: {msg}" if where else msg, param=loc[0] if loc else None)

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from zeroserve.errors import error_body
+from zeroserve.errors import ModelUnavailableError
 
 __all__ = ["ProxyFailsafe", "middlewares"]
 
@@ -105,7 +105,7 @@ class ProxyFailsafe:
                 await self._unavailable(send, scope, "gateway_replica_died", _MESSAGE)
             elif sse:
                 logger.warning("[%s] stream for %s cut short: closing it with an error event", request_id, path)
-                event = error_body(_MESSAGE, "service_unavailable", code="gateway_replica_died")
+                event = ModelUnavailableError(_MESSAGE, code="gateway_replica_died").body()
                 tail = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         except Exception:  # noqa: BLE001 - the client is gone; nothing more to tell it
@@ -113,7 +113,7 @@ class ProxyFailsafe:
 
     async def _unavailable(self, send: Send, scope: Scope, code: str, message: str) -> None:
         """A whole 503 in the OpenAI error shape, with Retry-After and the request's id."""
-        body = json.dumps(error_body(message, "service_unavailable", code=code)).encode()
+        body = json.dumps(ModelUnavailableError(message, code=code).body()).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

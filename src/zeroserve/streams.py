@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 __all__ = ["coalesce"]
 
 _DONE = object()
+_NONE = object()
 
 
-async def coalesce(source: AsyncIterator[str], max_items: int = 256) -> AsyncIterator[str]:
-    """Join the pieces of ``source`` that are already waiting into one, adding no delay.
+async def coalesce(source: AsyncIterator[Any], max_items: int = 256) -> AsyncIterator[Any]:
+    """Join the text pieces of ``source`` that are already waiting into one, adding no delay.
+
+    Items that are not ``str`` (typed messages) are never joined: they go out alone, in order.
 
     Every item streamed through a Ray handle costs an object and a message on each hop
     (replica → gateway → proxy). Under load the consumer falls behind the engine and
@@ -37,6 +41,7 @@ async def coalesce(source: AsyncIterator[str], max_items: int = 256) -> AsyncIte
             pending: BaseException | None = None
             done = False
             parts: list[str] = []
+            alone: object = _NONE
             while True:
                 if item is _DONE:
                     done = True
@@ -44,12 +49,17 @@ async def coalesce(source: AsyncIterator[str], max_items: int = 256) -> AsyncIte
                 if isinstance(item, BaseException):
                     pending = item
                     break
-                parts.append(item)  # type: ignore[arg-type]
+                if not isinstance(item, str):
+                    alone = item
+                    break
+                parts.append(item)
                 if queue.empty() or len(parts) >= max_items:
                     break
                 item = queue.get_nowait()
             if parts:
                 yield "".join(parts)
+            if alone is not _NONE:
+                yield alone
             if pending is not None:
                 raise pending
             if done:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zeroserve.config import ModelSpec
-from zeroserve.engines.base import Classification, Delta, Embedding
+from zeroserve.engines.base import Classification, Embedding
 from zeroserve.errors import InvalidRequestError
 from zeroserve.gateway import ModelEntry, ModelState
 from zeroserve.protocol import GenerateParams
+from zeroserve.wire import Accepted, Delta, Meter, OpenAIJson, OpenAIStream, Usage, split_usage
 
-__all__ = ["FakeBackend", "FuzzReport", "HEALTHY_MODELS", "fuzz_schema", "response_problems"]
+__all__ = ["FakeBackend", "FuzzReport", "HEALTHY_MODELS", "as_wire_v1", "fuzz_schema", "response_problems"]
 
 # The models that answer every valid request at once (the others time out, fail or raise on purpose), by task.
 HEALTHY_MODELS = {"emb": "embed", "gen": "generate", "cls": "classify", "vgen": "generate"}
@@ -90,10 +91,31 @@ def response_problems(resp: _Response) -> list[str]:
     return problems
 
 
-class FakeBackend:
-    """Models of every task and state; records each call that would reach a model replica in ``calls``."""
+def as_wire_v1(message: Any) -> Any:
+    """A message as a replica of wire version 1 sent it (sentinel deltas, tagged tuples, usage in the text)."""
+    if isinstance(message, Accepted):
+        return Delta(-1, prompt_tokens=message.prompt_tokens)
+    if isinstance(message, Meter):
+        return ("meter", message.gpu_s)
+    if isinstance(message, OpenAIJson):
+        return ("json", message.body)
+    if isinstance(message, OpenAIStream):
+        return ("sse", None)
+    if isinstance(message, Usage):
+        return message.line
+    return message
 
-    def __init__(self) -> None:
+
+class FakeBackend:
+    """Models of every task and state; records each call that would reach a model replica in ``calls``.
+
+    Args:
+        wire_version: 2 sends this version's typed messages; 1 sends what replicas of the previous
+            version sent (a new gateway must understand both during a rolling redeploy).
+    """
+
+    def __init__(self, wire_version: int = 2) -> None:
+        self.wire_version = wire_version
         self.entries = {
             "emb": ModelEntry("emb", ModelSpec(task="embed", model="./e"), ModelState.READY, 1, replica_nodes=("n1",)),
             "gen": ModelEntry("gen", ModelSpec(task="generate", model="./g", max_tokens_cap=64), ModelState.READY, 1),
@@ -131,12 +153,16 @@ class FakeBackend:
         self.calls.append(("classify", entry.name))
         return [Classification("positive", [0.25, 0.75], 2) for _ in texts]
 
-    async def stream(self, entry: ModelEntry, prompt: Any, params: GenerateParams) -> AsyncIterator[Delta]:
+    def out(self, message: Any) -> Any:
+        """``message`` as a replica of this backend's wire version sends it."""
+        return as_wire_v1(message) if self.wire_version == 1 else message
+
+    async def stream(self, entry: ModelEntry, prompt: Any, params: GenerateParams) -> AsyncIterator[Any]:
         self.calls.append(("stream", entry.name))
         self.seen_params.append(params)
         if isinstance(prompt, str) and "too long" in prompt:
             raise InvalidRequestError("prompt too long", param="messages")
-        yield Delta(-1, prompt_tokens=3)
+        yield self.out(Accepted(3))
         for i in range(params.n):
             yield Delta(i, "Hel", completion_tokens=1)
             yield Delta(i, "lo", "stop", completion_tokens=2)
@@ -148,13 +174,19 @@ class FakeBackend:
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         choice = {"index": 0, "text": "Hello", "finish_reason": "stop"}
         if not body.get("stream"):
-            yield ("json", {"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage})
+            yield self.out(
+                OpenAIJson({"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage})
+            )
         else:
-            yield ("sse", None)
+            yield self.out(OpenAIStream())
             yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]}, separators=(',', ':'))}\n\n"
-            yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage}, separators=(',', ':'))}\n\n"
+            usage_line = (
+                f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage}, separators=(',', ':'))}\n\n"
+            )
+            for part in split_usage(usage_line):  # as the replica reads it
+                yield self.out(part)
             yield "data: [DONE]\n\n"
-        yield ("meter", 0.05)
+        yield self.out(Meter(0.05))
 
 
 @dataclass

@@ -203,6 +203,7 @@ _EXPECTED_REFUSALS = {
     "400 max_tokens None",
     "400 n None",
     "400 stream_options None",  # only with stream: true, which the schema says in words only
+    "400 top_logprobs None",  # 0 to 20 on a vLLM model (OpenAI's range); the native path ignores it
     "404 None None",  # /v1/usage with API keys off; an empty path parameter
 }
 
@@ -383,6 +384,16 @@ HOSTILE: list[tuple[str, str, bytes | str | dict[str, Any] | list[Any], int, str
 ]
 
 
+def zeroserve_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The captured records of zeroserve's own loggers.
+
+    caplog sees every logger that propagates to the root: a Ray Serve background task left
+    running by an earlier test ("Failed to run metrics task 'push_metrics_to_controller'") once
+    failed a hostile-request case here that had logged nothing itself.
+    """
+    return [r for r in caplog.records if r.name == "zeroserve" or r.name.startswith("zeroserve.")]
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "status", "param"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
 )
@@ -398,7 +409,7 @@ async def test_hostile_request_gets_its_status(
     assert response_problems(resp) == []
     if status >= 400:
         assert _error(resp)["param"] == param
-    assert touched == [] and caplog.records == []
+    assert touched == [] and zeroserve_records(caplog) == []
     if status == 404:
         assert backend.calls == []  # an unknown name reaches no replica
     await _still_serves(client)
@@ -483,7 +494,7 @@ async def test_client_that_hangs_up_mid_body_is_not_a_server_error(caplog: pytes
     with caplog.at_level(logging.ERROR, logger="zeroserve"):
         status, _, body = await raw_call(app, "/v1/embeddings", messages=messages)
     assert status == 400 and b"closed the connection" in body
-    assert caplog.records == []  # was a 500 with a logged traceback
+    assert zeroserve_records(caplog) == []  # was a 500 with a logged traceback
 
 
 async def test_body_that_never_ends_times_out_with_408() -> None:

@@ -37,3 +37,19 @@ async def test_an_error_arrives_after_the_pieces_before_it() -> None:
         async for chunk in coalesce(_source(["a", "b"], fail=True)):
             got.append(chunk)
     assert "".join(got) == "ab"
+
+
+async def test_typed_messages_go_alone_and_in_order() -> None:
+    marker = ("usage", 7)
+
+    async def source() -> AsyncIterator[object]:
+        for item in ["a", "b", marker, "c", "d"]:
+            yield item
+
+    got = []
+    async for chunk in coalesce(source()):
+        got.append(chunk)
+        await asyncio.sleep(0.01)  # a slow consumer: waiting text is joined, never with the marker
+    at = got.index(marker)
+    assert "".join(got[:at]) == "ab"
+    assert "".join(got[at + 1 :]) == "cd"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +120,67 @@ def test_input_checks_and_a_batch_in_another_thread_share_the_tokenizer(demo_mod
         stop.set()
         worker.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e-300},  # overflowed the logits to inf: a 500 for a valid request
+        {"temperature": 5e-324},
+        {"temperature": 1e-40},
+        {"temperature": 1e-6},
+        {"temperature": 1e-300, "top_p": 1e-300, "n": 3, "seed": 7},
+    ],
+    ids=["temperature-1e-300", "temperature-denormal", "temperature-1e-40", "temperature-below-eps", "all-tiny"],
+)
+def test_temperature_below_epsilon_is_greedy(gen: Engine, params: dict[str, object]) -> None:
+    n = int(params.get("n", 1))  # type: ignore[call-overload]
+    greedy = asyncio.run(collect(gen.stream("The quick", GenerateParams(max_tokens=8, temperature=0, n=n)), n))
+    tiny = asyncio.run(collect(gen.stream("The quick", GenerateParams(max_tokens=8, **params)), n))  # type: ignore[arg-type]
+    assert tiny.texts == greedy.texts
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-8])
+def test_tiny_top_p_keeps_the_most_likely_token(gen: Engine, top_p: float) -> None:
+    greedy = asyncio.run(collect(gen.stream("The quick", GenerateParams(max_tokens=8, temperature=0)), 1))
+    for temperature in (2.0, 1.0, 1e-5):
+        params = GenerateParams(max_tokens=8, temperature=temperature, top_p=top_p, n=2, seed=3)
+        out = asyncio.run(collect(gen.stream("The quick", params), 2))
+        assert out.texts == greedy.texts * 2
+
+
+def test_logits_that_overflow_when_scaled_sample_their_most_likely_token() -> None:
+    from zeroserve.engines.transformers_engine import _sample
+
+    logits = torch.tensor([[1e38, 3e38, -1e38], [0.0, 5.0, 1.0]])
+    for temperature in (0.5, 1e-4):
+        picked = _sample(logits, GenerateParams(temperature=temperature, top_p=0.5), torch.Generator().manual_seed(0))
+        assert picked.tolist() == [1, 1]
+    # A row that does not overflow still samples (top_p=1 keeps every token).
+    flat = torch.zeros(1, 4)
+    seen = {int(_sample(flat, GenerateParams(temperature=1.0), None)) for _ in range(200)}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_an_engine_error_after_its_caller_left_prints_no_thread_traceback(
+    gen: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker thread told a closed loop it was done: "Event loop is closed" in the thread."""
+    import threading
+
+    caller_left = threading.Event()
+    thread_errors: list[BaseException | None] = []
+
+    def failing(prompt_ids: object, params: object, budget: object, emit: Any, cancel: object) -> None:
+        emit(RuntimeError("sampler failed"))
+        caller_left.wait(5)  # the caller's loop closes before the worker's last message
+
+    monkeypatch.setattr(gen, "_generate", failing)
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        asyncio.run(collect(gen.stream("The", GenerateParams(max_tokens=3)), 1))
+    caller_left.set()
+    workers = [t for t in threading.enumerate() if t.name == "zeroserve-generate"]
+    for t in workers:
+        t.join(5)
+    assert thread_errors == []

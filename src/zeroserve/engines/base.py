@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroserve.protocol import GenerateParams
+from zeroserve.wire import Accepted, Delta, Meter, OpenAIJson, OpenAIStream, decode
 
-__all__ = ["Classification", "Delta", "Embedding", "Engine", "GenerationResult", "collect"]
+__all__ = ["Accepted", "Classification", "Delta", "Embedding", "Engine", "GenerationResult", "Meter", "collect"]
 
 
 @dataclass(frozen=True)
@@ -29,24 +30,6 @@ class Classification:
     label: str
     probs: list[float]
     num_tokens: int
-    gpu_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of one choice's output.
-
-    The first Delta of a stream has ``index == -1`` and carries only
-    ``prompt_tokens``, so a consumer knows the prompt was accepted before any text. The
-    Serve deployment adds a last one with ``index == -2`` carrying the request's metered
-    ``gpu_s``.
-    """
-
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     gpu_s: float = 0.0
 
 
@@ -88,29 +71,32 @@ class Engine(abc.ABC):
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         raise NotImplementedError
 
-    def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Delta]:
+    def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
+        """:class:`~zeroserve.wire.Accepted` once the prompt passed the checks, then the deltas."""
         raise NotImplementedError
 
-    def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+    def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[OpenAIJson | OpenAIStream | str]:
         """Serve an OpenAI request with the engine's own OpenAI layer (vLLM).
 
-        Yields ``("json", response_dict)`` once, or ``("sse", None)`` followed by the
-        ``data: ...`` lines of a stream.
+        Yields :class:`~zeroserve.wire.OpenAIJson` once, or :class:`~zeroserve.wire.OpenAIStream`
+        followed by the ``data: ...`` lines of a stream.
         """
         raise NotImplementedError
 
 
-async def collect(deltas: AsyncIterator[Delta], n: int) -> GenerationResult:
-    """Join a stream of deltas into whole choices."""
+async def collect(messages: AsyncIterator[Any], n: int) -> GenerationResult:
+    """Join a generation's messages (any wire version) into whole choices."""
     texts = [""] * n
     reasons = ["length"] * n
     completion = [0] * n
     prompt_tokens = 0
     gpu_s = 0.0
-    async for d in deltas:
-        if d.index == -1:
+    async for message in messages:
+        d = decode(message)
+        if isinstance(d, Accepted):
             prompt_tokens = d.prompt_tokens
-        if d.index < 0:
+            continue
+        if isinstance(d, Meter):
             gpu_s += d.gpu_s
             continue
         texts[d.index] += d.text

@@ -8,6 +8,7 @@ process may use at most its GPU fraction of the card's memory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -249,7 +250,10 @@ class TransformersEngine(Engine):
         cancel = threading.Event()
 
         def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            # The consumer may be gone with its loop (a caller that stopped on the first error):
+            # then there is no one to tell, and raising here only printed a thread traceback.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def run() -> None:
             try:
@@ -363,13 +367,23 @@ def _find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
+# As vLLM (vllm/v1/sample/sampler.py, _SAMPLING_EPS): a temperature below this is greedy sampling.
+# Dividing the logits by a smaller one (1e-300 passes validation) overflows them to inf, the softmax
+# to NaN, and torch.multinomial raised: a 500 for a valid request.
+_SAMPLING_EPS = 1e-5
+
+
 def _sample(logits: Any, params: GenerateParams, gen: Any) -> Any:
     import torch
 
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    probs = torch.softmax(logits, dim=-1)
+    greedy = logits.argmax(dim=-1)
+    if params.temperature < _SAMPLING_EPS:
+        return greedy
+    scaled = logits / params.temperature
+    # A row the division still overflowed (huge logits) samples its most likely token, as a
+    # temperature that tends to zero does; never a NaN distribution handed to multinomial.
+    finite = torch.isfinite(scaled).all(dim=-1, keepdim=True)
+    probs = torch.softmax(torch.where(finite, scaled, torch.zeros_like(scaled)), dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         cumulative = sorted_probs.cumsum(dim=-1)
@@ -377,7 +391,8 @@ def _sample(logits: Any, params: GenerateParams, gen: Any) -> Any:
         drop = cumulative - sorted_probs > params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    sampled = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.where(finite.squeeze(-1), sampled, greedy)
 
 
 class _OOMGuard:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from zeroserve.config import ModelSpec, VLLMOptions, resolve_model_source
@@ -199,29 +199,21 @@ class VLLMEngine(Engine):
         return cls, handler
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        from pydantic import BaseModel, ValidationError
+        from pydantic import BaseModel
         from starlette.responses import Response
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
         cls, handler = self._handler(endpoint)
         try:
+            # vLLM's request models raise its own errors from their validators too (a
+            # VLLMValidationError is no ValueError, so pydantic lets it through unwrapped).
             request = cls.model_validate(body)
-        except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            param = str(first["loc"][0]) if first["loc"] else None
-            raise InvalidRequestError(f"{loc}: {first['msg']}", param=param) from None
-        try:
             result = await handler(request, None)
-        except VLLMNotFoundError as err:
-            raise InvalidRequestError(str(err.args[0]) if err.args else str(err), code="not_found") from None
-        except VLLMClientError as err:
-            message = str(err.args[0]) if err.args else str(err)
-            raise InvalidRequestError(message, param=getattr(err, "parameter", None)) from None
-        except (ValueError, TypeError, OverflowError) as err:
-            # vLLM's own HTTP layer answers these with 400 as well.
-            raise InvalidRequestError(str(err)) from None
+        except Exception as err:
+            mapped = _error_from_exception(err)
+            if mapped is None:
+                raise
+            raise mapped from None
         if isinstance(result, ErrorResponse):
             raise _error_from_vllm(result.error.code, result.error.message, result.error.param)
         if isinstance(result, Response):
@@ -248,3 +240,119 @@ def _error_from_vllm(code: int, message: str, param: str | None) -> ZeroserveErr
         return ModelUnavailableError(message, retry_after_s=1)
     logger.error("vLLM error %s: %s", code, message)
     return EngineError("the model's engine failed on this request")
+
+
+def _sanitize(message: str) -> str:
+    """vLLM's own scrubbing of error messages (memory addresses, file paths, tracebacks)."""
+    try:
+        from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+    except ImportError:  # another vLLM layout: the message as it is
+        return message
+    return str(sanitize_message(message))
+
+
+def _message(err: BaseException) -> str:
+    # VLLMValidationError's str() appends "(parameter=..., value=...)": the first argument is the message.
+    first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return _sanitize(first)
+
+
+# pydantic-core's names for union branches and validator wrappers in an error's loc
+# ("prompt.list[constrained-int].0", "response_format.function-wrap[__log_extra_fields__()].json_schema"):
+# not fields a client knows (vLLM drops them too: clean_loc_for_param).
+_INTERNAL_LOC = frozenset(
+    {
+        "function-wrap",
+        "function-after",
+        "function-before",
+        "function-plain",
+        "json-or-python",
+        "lax-or-strict",
+        "chain",
+        "default",
+        "nullable",
+        "tagged-union",
+        "union",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "bytes",
+        "list",
+        "tuple",
+        "dict",
+        "set",
+        "none",
+    }
+)
+
+
+def _clean_loc(loc: Sequence[Any]) -> list[str]:
+    parts = [str(p) for p in loc]
+    kept = [p for p in parts if not any(c in p for c in "[](){}") and p.lower() not in _INTERNAL_LOC]
+    return kept or parts
+
+
+def _invalid_from_validation(err: Any) -> InvalidRequestError:
+    """A pydantic ValidationError as the gateway words it: ``"loc: msg"``, param the top-level field.
+
+    Where the first error is one branch of a union (``stop`` as a string, when a list was sent),
+    the error of the branch that matched the value's type says what is wrong: among the errors of
+    the first error's field, the deepest one that is not a type mismatch is reported.
+    """
+    errors = list(err.errors())
+    if not errors:
+        return InvalidRequestError(_sanitize(str(err)))
+    field = errors[0]["loc"][:1]
+
+    def rank(item: tuple[int, Any]) -> tuple[int, bool, int]:
+        index, e = item
+        mismatch = str(e.get("type", "")).endswith("_type") or e.get("type") in ("literal_error", "missing")
+        return (-len(_clean_loc(e["loc"])), mismatch, index)
+
+    same_field = [(i, e) for i, e in enumerate(errors) if tuple(e["loc"][:1]) == tuple(field)]
+    _, best = min(same_field, key=rank)
+    loc = _clean_loc(best["loc"])
+    msg = str(best["msg"]).removeprefix("Value error, ")
+    where = ".".join(loc)
+    return InvalidRequestError(_sanitize(f"{where}: {msg}" if where else msg), param=loc[0] if loc else None)
+
+
+def _error_from_exception(err: Exception) -> ZeroserveError | None:
+    """What vLLM's HTTP layer answers for an exception its handlers raised, in zeroserve's types.
+
+    The same classes as vLLM's ``create_error_response`` (exception_handling): client errors and
+    the raw ValueError, TypeError, OverflowError, NotImplementedError and jinja TemplateError are a
+    400 with vLLM's message; server errors a 500 (logged, generic message); a retryable one or an
+    admission refusal a 503. None: not an error vLLM knows; the caller re-raises it.
+    """
+    from pydantic import ValidationError
+    from vllm.exceptions import (
+        GenerationError,
+        GracefulHTTPError,
+        RetryableRequestError,
+        VLLMClientError,
+        VLLMNotFoundError,
+        VLLMServerError,
+    )
+
+    if isinstance(err, ZeroserveError):
+        return err
+    if isinstance(err, GracefulHTTPError):
+        return _error_from_vllm(int(err.http_status), _sanitize(err.message), None)
+    if isinstance(err, VLLMNotFoundError):
+        return InvalidRequestError(_message(err), code="not_found")
+    if isinstance(err, VLLMClientError):
+        return InvalidRequestError(_message(err), param=getattr(err, "parameter", None))
+    if isinstance(err, RetryableRequestError):
+        return _error_from_vllm(503, _message(err), None)
+    if isinstance(err, GenerationError | VLLMServerError):
+        logger.error("vLLM failed on a request: %r", err)
+        return EngineError("the model's engine failed on this request")
+    if isinstance(err, ValidationError):  # a ValueError: before the raw ones
+        return _invalid_from_validation(err)
+    if isinstance(err, ValueError | TypeError | OverflowError | NotImplementedError) or any(
+        c.__name__ == "TemplateError" for c in type(err).__mro__
+    ):
+        return InvalidRequestError(_message(err))
+    return None

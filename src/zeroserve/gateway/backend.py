@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from zeroserve.engines.base import Classification, Delta, Embedding
+from zeroserve.engines.base import Classification, Embedding
 from zeroserve.gateway.registry import ModelEntry
 from zeroserve.protocol import GenerateParams
 
@@ -32,8 +32,10 @@ class Backend(Protocol):
 
     async def classify(self, entry: ModelEntry, texts: Sequence[str]) -> list[Classification]: ...
 
-    def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Delta]:
-        """Deltas of a generation; the first one (index -1) means the prompt was accepted."""
+    def stream(self, entry: ModelEntry, prompt: Prompt, params: GenerateParams) -> AsyncIterator[Any]:
+        """A generation's messages (:mod:`zeroserve.wire`, any version the gateway decodes):
+        :class:`~zeroserve.wire.Accepted` once the prompt passed the model's checks, the
+        :class:`~zeroserve.wire.Delta` pieces, then a :class:`~zeroserve.wire.Meter` reading."""
         ...
 
     async def gpus(self) -> dict[str, float]:
@@ -43,6 +45,7 @@ class Backend(Protocol):
     def openai(self, entry: ModelEntry, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Forward an OpenAI request to the engine's own OpenAI layer (vLLM models).
 
-        Yields ``("json", dict)`` once, or ``("sse", None)`` and then ``data:`` lines.
+        Yields :mod:`zeroserve.wire` messages: ``OpenAIJson`` once, or ``OpenAIStream`` and then
+        ``data:`` lines (``str``) and a ``Usage``; then a ``Meter`` reading.
         """
         ...

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from zeroserve.config import AuthSpec
@@ -34,7 +34,7 @@ class Grant:
     budget: float | None = None
     used_before: float = 0.0
     reset: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    counted: bool = False  # holds one of its key's concurrent slots
 
     def headers(self, charged: float | None) -> dict[str, str]:
         if self.key is None or self.budget is None:
@@ -117,7 +117,7 @@ class FairShare:
             )
         # Counted before the ledger read below, so that simultaneous requests see each other.
         self.concurrent[record.key_id] += 1
-        grant.extra["counted"] = True
+        grant.counted = True
         try:
             await self._check_budget(grant, tier.daily_gpu_seconds, model, max_tokens)
         except BaseException:
@@ -144,7 +144,8 @@ class FairShare:
             )
 
     def release(self, grant: Grant) -> None:
-        if grant.key is not None and grant.extra.pop("counted", False):
+        if grant.key is not None and grant.counted:
+            grant.counted = False
             self.concurrent[grant.key.key_id] -= 1
 
     async def charge(self, grant: Grant, model: str, gpu_s: float, request_id: str, completion_tokens: int = 0) -> None:

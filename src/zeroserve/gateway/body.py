@@ -1,0 +1,125 @@
+"""Reading a request body: size, time, strict UTF-8 JSON, depth; then typed validation.
+
+Pure functions of the request stream and the limits, unit-tested directly. The handlers
+read bodies here rather than through FastAPI body parameters, so that the limits hold
+while the body streams in and every refusal is an OpenAI-shaped 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+
+from zeroserve.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError, from_validation
+
+__all__ = ["MAX_JSON_DEPTH", "json_body_schema", "nests_deeper", "read_json", "validate"]
+
+# Only a \u escape can put a UTF-16 surrogate into a body decoded as strict UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Deeper JSON is refused: a forwarded body is pickled on its way to a replica, and pickling a
+# few hundred levels exhausts the recursion limit there. OpenAI bodies (tool schemas included)
+# need far fewer.
+MAX_JSON_DEPTH = 64
+_T = TypeVar("_T", bound=BaseModel)
+
+
+async def read_json(
+    content_length: str | None, stream: AsyncIterator[bytes], max_bytes: int, timeout_s: float
+) -> dict[str, Any]:
+    """The body as a JSON object, read within ``max_bytes`` and ``timeout_s``.
+
+    Raises:
+        PayloadTooLargeError: over ``max_bytes`` (announced or sent).
+        RequestTimeoutError: the body did not arrive in time.
+        InvalidRequestError: not a JSON object in strict UTF-8, a lone surrogate, too deep.
+    """
+    # isascii: headers are decoded as latin-1, where "\xb2" (superscript two) passes isdigit but not int().
+    if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > max_bytes:
+        raise PayloadTooLargeError(f"request body over {max_bytes} bytes")
+    body = bytearray()
+    try:
+        # A client that sends its body slowly, or never ends it, must not hold a handler forever.
+        async with asyncio.timeout(timeout_s):
+            async for chunk in stream:
+                body += chunk
+                if len(body) > max_bytes:
+                    raise PayloadTooLargeError(f"request body over {max_bytes} bytes")
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:.0f} s", code="body_timeout"
+        ) from None
+    except ClientDisconnect:
+        # Nobody will read this answer; it keeps a client that hung up from counting as a server error.
+        raise InvalidRequestError("the client closed the connection before the body was complete") from None
+    return parse_json(bytes(body))
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """Strict UTF-8 JSON (RFC 8259), an object, with no lone surrogate and at most MAX_JSON_DEPTH levels."""
+    try:
+        # json.loads(bytes) would also take UTF-16 and -32, and let encoded surrogates through.
+        data = json.loads(body.decode("utf-8"))
+        if _SURROGATE_ESCAPE.search(body):
+            # Engines cannot encode a lone surrogate (a tokenizer raises); pairs such as emoji pass.
+            json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError("the body holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff)") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InvalidRequestError(f"the body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidRequestError("the body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    # Counting brackets is cheap, and spares almost every body the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and nests_deeper(data, MAX_JSON_DEPTH):
+        raise InvalidRequestError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def nests_deeper(data: Any, limit: int) -> bool:
+    """Whether parsed JSON nests deeper than ``limit`` levels (a loop: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def validate(data: dict[str, Any], model_cls: type[_T]) -> _T:
+    """``data`` as ``model_cls``, or a 400 naming the first invalid field."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise from_validation(err) from None
+    except RecursionError:
+        raise InvalidRequestError("the body is nested too deeply") from None
+
+
+def json_body_schema(model_cls: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself, as ``model_cls`` validates it.
+
+    Its ``$defs`` are inlined because an OpenAPI document resolves ``$ref`` from its own root.
+    """
+    schema = model_cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node = {**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}}
+        return {key: inline(value) for key, value in node.items()}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

@@ -1,0 +1,160 @@
+"""Requests served by an engine's own OpenAI layer (vLLM): validated here with the same limits
+as the native path, forwarded whole, answered as the engine shapes them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from zeroserve.errors import ModelUnavailableError
+from zeroserve.gateway.body import validate
+from zeroserve.gateway.lease import Lease, admit
+from zeroserve.gateway.registry import ModelState
+from zeroserve.gateway.serving.base import Resolved, Serving, check_caps
+from zeroserve.gateway.sse import Result, keepalive, relay, waking_comment
+from zeroserve.gateway.waits import bounded
+from zeroserve.protocol import (
+    PassthroughChatRequest,
+    PassthroughClassifyRequest,
+    PassthroughCompletionRequest,
+    PassthroughEmbeddingRequest,
+)
+from zeroserve.wire import Meter, OpenAIJson, OpenAIStream, Usage, decode, split_usage
+
+__all__ = ["PassthroughServing"]
+
+# The request model of each endpoint an engine's OpenAI layer serves, and whether it generates.
+_REQUESTS: dict[str, tuple[type[BaseModel], bool]] = {
+    "chat/completions": (PassthroughChatRequest, True),
+    "completions": (PassthroughCompletionRequest, True),
+    "embeddings": (PassthroughEmbeddingRequest, False),
+    "classify": (PassthroughClassifyRequest, False),
+}
+
+
+class PassthroughServing(Serving):
+    """Forward to the engine's own OpenAI layer; keep admission, deadlines, errors and metering."""
+
+    async def forward(self, resolved: Resolved, endpoint: str) -> Response:
+        """Validate ``resolved``'s body for ``endpoint``, admit it, and answer with the engine's answer.
+
+        Args:
+            resolved: the request, its model and caller.
+            endpoint: the OpenAI path under /v1 ("chat/completions", "embeddings", ...).
+        """
+        entry, head, body = resolved.entry, resolved.head, resolved.data
+        model_cls, generates = _REQUESTS[endpoint]
+        req: Any = validate(body, model_cls)
+        max_tokens = req.requested_max_tokens() if generates else None
+        if generates:
+            check_caps(max_tokens, req.n, entry)
+        wants_usage = True
+        if head.stream:
+            # Ask for the usage chunk for metering and metrics; drop it if the client did not.
+            options = dict(req.stream_options or {})
+            wants_usage = bool(options.get("include_usage"))
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+        lease = await admit(
+            self.state, resolved.log, resolved.grant, entry, _sequences(body) * (max_tokens or 0) or None
+        )
+        stream = self.state.backend.openai(entry, endpoint, body)
+        if head.stream and entry.state is not ModelState.READY:
+            source = _Source(self, lease, stream, wants_usage, opening=None)
+        else:
+            try:
+                opening = await self._opening(lease, stream)
+                if isinstance(opening, OpenAIJson):
+                    meter = decode(await anext(stream, Meter(0.0)))
+            except BaseException:
+                lease.release()
+                raise
+            if isinstance(opening, OpenAIJson):
+                lease.release()
+                gpu_s = meter.gpu_s if isinstance(meter, Meter) else 0.0
+                usage = opening.body.get("usage") or {}
+                completion = usage.get("completion_tokens", 0)
+                self.record_tokens(resolved.log, entry, usage.get("prompt_tokens", 0), completion)
+                await lease.settle(gpu_s, completion)
+                return JSONResponse(opening.body, headers=lease.headers(gpu_s))
+            source = _Source(self, lease, stream, wants_usage, opening=opening)
+        events = relay(
+            source,
+            model=entry.name,
+            started=resolved.log.start,
+            timeout_s=self.state.spec.request_timeout_s,
+            obs=self.state.obs,
+            request_id=resolved.log.request_id,
+        )
+        return self.stream_response(lease, events)
+
+    async def _opening(self, lease: Lease, stream: AsyncIterator[Any]) -> OpenAIJson | OpenAIStream:
+        """The engine's first message (bounded: it includes a wake): a whole answer, or the stream's start."""
+        try:
+            first = decode(await bounded(self.state, lease.entry, anext(stream)))
+        except StopAsyncIteration:
+            raise ModelUnavailableError(f"model '{lease.entry.name}' returned nothing", retry_after_s=1) from None
+        if not isinstance(first, OpenAIJson | OpenAIStream):
+            raise ModelUnavailableError(f"model '{lease.entry.name}' answered out of order", retry_after_s=1)
+        return first
+
+
+class _Source:
+    """The SSE of an engine's own OpenAI layer: relayed as it comes, usage taken out as data."""
+
+    def __init__(
+        self,
+        serving: PassthroughServing,
+        lease: Lease,
+        stream: AsyncIterator[Any],
+        wants_usage: bool,
+        opening: OpenAIJson | OpenAIStream | None,
+    ) -> None:
+        self.serving, self.lease, self.stream, self.wants_usage = serving, lease, stream, wants_usage
+        self.opening = opening
+        self.usage: Usage | None = None
+
+    async def prologue(self) -> AsyncIterator[str]:
+        if self.opening is None:  # the model wakes: headers are out, comments keep the line open
+            comment = waking_comment(self.lease.entry.name)
+            spec = self.serving.state.spec
+            async for item in keepalive(self.serving._opening(self.lease, self.stream), spec.keepalive_s, comment):
+                if not isinstance(item, Result):
+                    yield item
+
+    async def messages(self) -> AsyncIterator[Any]:
+        async for item in self.stream:
+            message = decode(item)
+            if isinstance(message, str):
+                # A version 1 replica leaves vLLM's usage chunk in the text.
+                for part in split_usage(message):
+                    yield part
+            else:
+                yield message
+
+    def render(self, message: Any) -> str:
+        if isinstance(message, Usage):
+            self.usage = message
+            return message.line if self.wants_usage else ""
+        return message if isinstance(message, str) else ""
+
+    async def epilogue(self, gpu_s: float) -> AsyncIterator[str]:
+        usage = self.usage
+        await self.lease.settle(gpu_s, usage.completion_tokens if usage else 0)
+        if usage is not None:
+            self.serving.record_tokens(self.lease.log, self.lease.entry, usage.prompt_tokens, usage.completion_tokens)
+        return
+        yield  # an async generator with nothing to add after vLLM's own [DONE]
+
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage else 0
+
+
+def _sequences(body: dict[str, Any]) -> int:
+    """How many sequences a request generates (n per prompt), for its predicted cost."""
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+    return max(1, n or 1) * prompts

@@ -1,0 +1,65 @@
+"""Everything one gateway replica holds across requests, in one typed object."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroserve.config import GatewaySpec
+from zeroserve.gateway.backend import Backend
+from zeroserve.gateway.fair import Dispatcher, FairShare
+from zeroserve.gateway.lease import Admission
+from zeroserve.gateway.telemetry import FanOut, Observer, RollingStats, WakeTracker
+from zeroserve.quota import Ledger
+
+__all__ = ["GatewayState"]
+
+
+@dataclass
+class GatewayState:
+    """The gateway's limits, its backend, its limiters and what it observes.
+
+    Build with :meth:`create`; the serving classes share one instance.
+    """
+
+    spec: GatewaySpec
+    backend: Backend
+    fair: FairShare
+    dispatcher: Dispatcher
+    admission: Admission
+    stats: RollingStats
+    obs: Any  # an Observer: RollingStats alone, or fanned out to the app's observer too
+    wakes: WakeTracker
+    # Work that must finish after its request is answered (a charge at a stream's close).
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @classmethod
+    def create(
+        cls, spec: GatewaySpec, backend: Backend, observer: Observer | None = None, ledger: Ledger | None = None
+    ) -> GatewayState:
+        """Raises ValueError: auth is on but there is no ledger."""
+        if spec.auth.enabled and ledger is None:
+            raise ValueError("auth is enabled but no ledger was given")
+        stats = RollingStats()
+        obs: Any = FanOut(stats, observer) if observer is not None else stats
+        return cls(
+            spec=spec,
+            backend=backend,
+            fair=FairShare(spec.auth, ledger),
+            dispatcher=Dispatcher(spec.auth.aging_s),
+            admission=Admission(
+                spec.max_inflight_requests, spec.max_inflight_per_model, spec.retry_after_s, obs.inflight
+            ),
+            stats=stats,
+            obs=obs,
+            wakes=WakeTracker(),
+        )
+
+    def keep(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` to its end after the request that started it is gone (a reference is kept)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task

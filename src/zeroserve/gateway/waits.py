@@ -1,0 +1,78 @@
+"""How long a request waits for its model, in one place.
+
+A ready model answers within the request timeout. A cold model's first answer includes
+its wake, so it gets the model's cold-start bound, counts one cold start per wake, and
+stops waiting as soon as Serve says the model failed to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from zeroserve.errors import model_failed, model_not_ready
+from zeroserve.gateway.registry import ModelEntry, ModelState
+
+if TYPE_CHECKING:
+    from zeroserve.gateway.state import GatewayState
+
+__all__ = ["FAILURE_POLL_S", "bounded"]
+
+# How often a request waiting for a cold model checks that the model has not failed to start.
+FAILURE_POLL_S = 1.0
+_T = TypeVar("_T")
+
+
+async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T]) -> _T:
+    """Await ``answer`` from ``entry`` within the bound its state calls for.
+
+    Raises:
+        ModelUnavailableError: the bound ran out (``model_not_ready``) or the model failed.
+    """
+    assert entry.spec is not None
+    if entry.state is ModelState.READY:
+        try:
+            return await asyncio.wait_for(answer, state.spec.request_timeout_s)
+        except TimeoutError:
+            raise model_not_ready(
+                entry.name, state.spec.request_timeout_s, entry.state.value, state.spec.retry_after_s
+            ) from None
+    budget = entry.spec.cold_start_timeout_s or state.spec.cold_start_timeout_s
+    state.wakes.begin(entry.name)
+    task = asyncio.ensure_future(answer)  # started here, so it is cancelled here on any exit
+    try:
+        result = await asyncio.wait_for(_unless_failed(state, entry, task), budget)
+    except BaseException as err:
+        state.wakes.abandon(entry.name)
+        if isinstance(err, TimeoutError):
+            raise model_not_ready(entry.name, budget, entry.state.value, state.spec.retry_after_s) from None
+        raise
+    finally:
+        if not task.done():
+            task.cancel()  # its clean-up (the handle call's cancel) runs before the error goes out
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if (woke := state.wakes.end(entry.name)) is not None:
+        state.obs.cold_start(entry.name, woke)
+    return result
+
+
+async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio.Future[Any]) -> Any:
+    """Await a waking model's answer, but give up as soon as Serve says the model failed.
+
+    A request waiting for a replica is not told when Serve gives up starting one (its
+    constructor failed its bounded number of times): without this it would wait out the
+    whole cold-start bound for a model that will not come.
+    """
+    while True:
+        done, _ = await asyncio.wait({answer}, timeout=FAILURE_POLL_S)
+        if not done:
+            current = (await state.backend.models(max_age_s=FAILURE_POLL_S)).get(entry.name)
+        if done or answer.done():  # an answer that came during the look is kept
+            return answer.result()
+        if current is None:
+            raise model_failed(entry.name, "it was removed from the pool", state.spec.retry_after_s)
+        if current.state is ModelState.FAILED:
+            raise model_failed(entry.name, current.message, state.spec.retry_after_s)
