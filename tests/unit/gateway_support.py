@@ -173,7 +173,7 @@ class FakeBackend:
         pickle.dumps(body)  # as Ray does with the arguments of a call to a replica
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         choice = {"index": 0, "text": "Hello", "finish_reason": "stop"}
-        if not body.get("stream"):
+        if not body.get("stream") or endpoint in ("embeddings", "classify"):  # pooling answers are JSON
             yield self.out(
                 OpenAIJson({"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage})
             )

@@ -295,3 +295,20 @@ def test_usage_is_read_as_data_whatever_its_spelling(usage_line: str) -> None:
 def test_a_chunk_that_mentions_usage_is_not_taken_for_it() -> None:
     text = 'data: {"choices":[{"index":0,"text":"\\"usage\\": {}"}],"usage":null}\n\n'
     assert split_usage(text) == [text]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_vllm_embedding_model_is_forwarded_and_answered_as_json(stream: bool) -> None:
+    """An embedding answer is one JSON body, even when a client says stream (as vLLM answers it)."""
+    from zeroserve.config import ModelSpec
+    from zeroserve.gateway import ModelEntry, ModelState
+
+    backend = FakeBackend()
+    spec = ModelSpec(task="embed", engine="vllm", model="./ve")
+    backend.entries["vemb"] = ModelEntry("vemb", spec, ModelState.READY, 1)
+    _, encode, _, passthrough = _services(backend)
+    body = b'{"model": "vemb", "input": [[1, 2, 3], [4]], "stream": ' + (b"true" if stream else b"false") + b"}"
+    response = await encode.embeddings(_request(body))
+    assert response.status_code == 200 and response.media_type == "application/json"
+    assert backend.calls == [("openai", "vemb")]
+    assert passthrough.state.admission.total == 0

@@ -52,16 +52,20 @@ class PassthroughServing(Serving):
         if generates:
             check_caps(max_tokens, req.n, entry)
         wants_usage = True
-        if head.stream:
+        # Only generation streams: an embedding answer is one JSON body whatever "stream" says.
+        streaming = head.stream and generates
+        if streaming:
             # Ask for the usage chunk for metering and metrics; drop it if the client did not.
             options = dict(req.stream_options or {})
             wants_usage = bool(options.get("include_usage"))
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        lease = await admit(
-            self.state, resolved.log, resolved.grant, entry, _sequences(body) * (max_tokens or 0) or None
-        )
+        predicted = None
+        if generates:  # the output tokens that the budget check prices: max_tokens x n x prompts
+            prompts = req.prompt_count() if isinstance(req, PassthroughCompletionRequest) else 1
+            predicted = (max_tokens or 0) * (req.n or 1) * prompts or None
+        lease = await admit(self.state, resolved.log, resolved.grant, entry, predicted)
         stream = self.state.backend.openai(entry, endpoint, body)
-        if head.stream and entry.state is not ModelState.READY:
+        if streaming and entry.state is not ModelState.READY:
             source = _Source(self, lease, stream, wants_usage, opening=None)
         else:
             try:
@@ -150,11 +154,3 @@ class _Source:
 
     def completion_tokens(self) -> int:
         return self.usage.completion_tokens if self.usage else 0
-
-
-def _sequences(body: dict[str, Any]) -> int:
-    """How many sequences a request generates (n per prompt), for its predicted cost."""
-    n = body.get("n") if isinstance(body.get("n"), int) else 1
-    prompt = body.get("prompt")
-    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
-    return max(1, n or 1) * prompts
