@@ -25,9 +25,15 @@ def vllm_pool(pool: Pool) -> Pool:
 @pytest.fixture(scope="module")
 def ray_driver(pool: Pool) -> Iterator[None]:
     import ray
+    from ray import serve
 
     ray.init(address=pool.cluster.address, logging_level="ERROR", log_to_driver=False)
     yield
+    # A handle's router pushes metrics from a thread that outlives ray.shutdown(); its next push
+    # would auto-start Ray in this process (and log errors in later tests).
+    client = serve.context._global_client
+    if client is not None:
+        client.shutdown_cached_handles()
     ray.shutdown()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroserve.config import ModelSpec, resolve_model_source
-from zeroserve.engines.base import Classification, Delta, Embedding, Engine
+from zeroserve.engines.base import Accepted, Classification, Delta, Embedding, Engine
 from zeroserve.errors import InvalidRequestError, ModelUnavailableError
 from zeroserve.protocol import GenerateParams
 from zeroserve.settings import get_settings
@@ -239,12 +239,12 @@ class TransformersEngine(Engine):
             )
         return min(params.max_tokens or self.spec.max_tokens_cap, room)
 
-    async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
         prompt_ids = self._tokenize(prompt, add_special_tokens=True)["input_ids"]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         budget = self._budget(len(prompt_ids), params)
-        yield Delta(index=-1, prompt_tokens=len(prompt_ids))
+        yield Accepted(len(prompt_ids))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()

@@ -31,6 +31,7 @@ from zeroserve.errors import (
 from zeroserve.locks import gpu_start_lock
 from zeroserve.memory import vllm_memory_utilization
 from zeroserve.settings import get_settings
+from zeroserve.wire import OpenAIJson, OpenAIStream
 
 __all__ = ["VLLMEngine", "vllm_cli_args"]
 
@@ -214,26 +215,28 @@ class VLLMEngine(Engine):
             if mapped is None:
                 raise
             raise mapped from None
+        model = str(body.get("model") or self.name)
         if isinstance(result, ErrorResponse):
-            raise _error_from_vllm(result.error.code, result.error.message, result.error.param)
+            raise _error_from_vllm(result.error.code, result.error.message, result.error.param, model)
         if isinstance(result, Response):
             data = json.loads(bytes(result.body))
             if result.status_code >= 400:
                 error = data.get("error", {})
-                raise _error_from_vllm(result.status_code, error.get("message", ""), error.get("param"))
-            yield ("json", data)
+                raise _error_from_vllm(result.status_code, error.get("message", ""), error.get("param"), model)
+            yield OpenAIJson(data)
             return
         if isinstance(result, BaseModel):
-            yield ("json", result.model_dump(mode="json", exclude_unset=False))
+            yield OpenAIJson(result.model_dump(mode="json", exclude_unset=False))
             return
-        yield ("sse", None)
+        yield OpenAIStream()
         async for line in result:
             yield line
 
 
-def _error_from_vllm(code: int, message: str, param: str | None) -> ZeroserveError:
+def _error_from_vllm(code: int, message: str, param: str | None, model: str | None = None) -> ZeroserveError:
     if code == 404:
-        return ModelNotFoundError(str(param or "model"))
+        # The requested name: the param is the field's name ("model"), not the model's.
+        return ModelNotFoundError(model or "model")
     if 400 <= code < 500:
         return InvalidRequestError(message, param=param)
     if code == 503:
@@ -273,16 +276,25 @@ _INTERNAL_LOC = frozenset(
         "nullable",
         "tagged-union",
         "union",
+        "call",
+        "arguments",
+        "is-instance",
+        "is-subclass",
+        "callable",
         "str",
         "int",
         "float",
         "bool",
         "bytes",
+        "bytearray",
         "list",
         "tuple",
         "dict",
         "set",
+        "frozenset",
+        "complex",
         "none",
+        "nonetype",
     }
 )
 
