@@ -13,7 +13,7 @@ from zeroserve.gateway.body import read_json, validate
 from zeroserve.gateway.lease import Lease
 from zeroserve.gateway.middleware import RequestLog, request_log
 from zeroserve.gateway.registry import ModelEntry, ModelState
-from zeroserve.gateway.sse import GuardedStream
+from zeroserve.gateway.sse import GuardedStream, StreamSource, relay
 from zeroserve.gateway.state import GatewayState
 from zeroserve.protocol import PassthroughRequest
 
@@ -79,9 +79,18 @@ class Serving:
         log.tokens(prompt, completion)
         self.state.obs.tokens(entry.name, prompt, completion)
 
-    def stream_response(self, lease: Lease, events: Any) -> StreamingResponse:
-        """An SSE response that gives its slots back and charges the request however it ends,
-        also when the client goes away before the end (then: the wall time so far x the fraction)."""
+    def stream_response(self, lease: Lease, source: StreamSource) -> StreamingResponse:
+        """``source`` relayed as SSE, in a response that gives its slots back and charges the request
+        however it ends, also when the client goes away first (then: the wall time so far x the fraction)."""
+        log, spec = lease.log, self.state.spec
+        events = relay(
+            source,
+            model=lease.entry.name,
+            started=log.start,
+            timeout_s=spec.request_timeout_s,
+            obs=self.state.obs,
+            request_id=log.request_id,
+        )
         # The charge is known only at the end of a stream: the headers carry what was left before it.
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **lease.headers(None)}
         return GuardedStream(events, lease.close, media_type="text/event-stream", headers=headers)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from zeroserve.engines.base import Classification, Embedding
 from zeroserve.gateway.body import validate
 from zeroserve.gateway.lease import admit
 from zeroserve.gateway.openai_format import classify_body, embeddings_body
@@ -24,38 +28,38 @@ class EncodeServing(Serving):
         self.passthrough = passthrough
 
     async def embeddings(self, request: Request) -> Response:
-        resolved = await self.resolve(request, "embed", "embeddings")
-        entry = resolved.entry
-        assert entry.spec is not None
-        if entry.spec.serves_openai:
-            return await self.passthrough.forward(resolved, "embeddings")
-        req = validate(resolved.data, EmbeddingRequest)
-        lease = await admit(self.state, resolved.log, resolved.grant, entry, None)
-        try:
-            result = await bounded(self.state, entry, self.state.backend.embed(entry, req.texts(), req.dimensions))
-        finally:
-            lease.release()
-        body = embeddings_body(entry.name, result, req.encoding_format)
-        tokens = body["usage"]["prompt_tokens"]
-        self.record_tokens(resolved.log, entry, tokens, 0)
-        gpu_s = sum(e.gpu_s for e in result)
-        await lease.settle(gpu_s)
-        return JSONResponse(body, headers=lease.headers(gpu_s))
+        return await self._encode(request, "embed", "embeddings")
 
     async def classify(self, request: Request) -> Response:
-        resolved = await self.resolve(request, "classify", "classification")
+        return await self._encode(request, "classify", "classification")
+
+    async def _encode(self, request: Request, task: str, wanted: str) -> Response:
+        resolved = await self.resolve(request, task, wanted)
         entry = resolved.entry
         assert entry.spec is not None
+        embed = task == "embed"
         if entry.spec.serves_openai:
-            return await self.passthrough.forward(resolved, "classify")
-        req = validate(resolved.data, ClassifyRequest)
+            return await self.passthrough.forward(resolved, "embeddings" if embed else "classify")
+        req: EmbeddingRequest | ClassifyRequest = (
+            validate(resolved.data, EmbeddingRequest) if embed else validate(resolved.data, ClassifyRequest)
+        )
         lease = await admit(self.state, resolved.log, resolved.grant, entry, None)
+        backend = self.state.backend
+        call: Awaitable[Sequence[Embedding] | Sequence[Classification]] = (
+            backend.embed(entry, req.texts(), req.dimensions)
+            if isinstance(req, EmbeddingRequest)
+            else backend.classify(entry, req.texts())
+        )
         try:
-            result = await bounded(self.state, entry, self.state.backend.classify(entry, req.texts()))
+            result: Sequence[Any] = await bounded(self.state, entry, call)
         finally:
             lease.release()
-        tokens = sum(c.num_tokens for c in result)
+        tokens = sum(r.num_tokens for r in result)
         self.record_tokens(resolved.log, entry, tokens, 0)
-        gpu_s = sum(c.gpu_s for c in result)
+        gpu_s = sum(r.gpu_s for r in result)
         await lease.settle(gpu_s)
-        return JSONResponse(classify_body(new_id("classify"), now(), entry.name, result), headers=lease.headers(gpu_s))
+        if isinstance(req, EmbeddingRequest):
+            body = embeddings_body(entry.name, result, req.encoding_format)
+        else:
+            body = classify_body(new_id("classify"), now(), entry.name, result)
+        return JSONResponse(body, headers=lease.headers(gpu_s))

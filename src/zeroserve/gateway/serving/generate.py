@@ -19,7 +19,7 @@ from zeroserve.gateway.openai_format import Completion, usage
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.serving.base import Serving, check_caps
 from zeroserve.gateway.serving.passthrough import PassthroughServing
-from zeroserve.gateway.sse import DONE, Result, keepalive, merge, relay, waking_comment
+from zeroserve.gateway.sse import DONE, Result, keepalive, merge, waking_comment
 from zeroserve.gateway.waits import bounded
 from zeroserve.protocol import ChatCompletionRequest, CompletionRequest, GenerateParams, new_id, now
 from zeroserve.wire import Accepted, Delta, Meter, decode
@@ -64,15 +64,7 @@ class GenerateServing(Serving):
             assert firsts is not None
             return await self._whole(lease, completion, streams, params.n, sum(a.prompt_tokens for a in firsts))
         source = _Source(self, lease, completion, streams, params.n, req.include_usage, firsts)
-        events = relay(
-            source,
-            model=entry.name,
-            started=resolved.log.start,
-            timeout_s=self.state.spec.request_timeout_s,
-            obs=self.state.obs,
-            request_id=resolved.log.request_id,
-        )
-        return self.stream_response(lease, events)
+        return self.stream_response(lease, source)
 
     async def _accepted(self, entry: ModelEntry, stream: AsyncIterator[Any]) -> Accepted:
         """Wait (bounded) until the model accepted the prompt: its errors are still HTTP errors."""

@@ -14,7 +14,7 @@ from zeroserve.gateway.body import validate
 from zeroserve.gateway.lease import Lease, admit
 from zeroserve.gateway.registry import ModelState
 from zeroserve.gateway.serving.base import Resolved, Serving, check_caps
-from zeroserve.gateway.sse import Result, keepalive, relay, waking_comment
+from zeroserve.gateway.sse import Result, keepalive, waking_comment
 from zeroserve.gateway.waits import bounded
 from zeroserve.protocol import (
     PassthroughChatRequest,
@@ -84,15 +84,7 @@ class PassthroughServing(Serving):
                 await lease.settle(gpu_s, completion)
                 return JSONResponse(opening.body, headers=lease.headers(gpu_s))
             source = _Source(self, lease, stream, wants_usage, opening=opening)
-        events = relay(
-            source,
-            model=entry.name,
-            started=resolved.log.start,
-            timeout_s=self.state.spec.request_timeout_s,
-            obs=self.state.obs,
-            request_id=resolved.log.request_id,
-        )
-        return self.stream_response(lease, events)
+        return self.stream_response(lease, source)
 
     async def _opening(self, lease: Lease, stream: AsyncIterator[Any]) -> OpenAIJson | OpenAIStream:
         """The engine's first message (bounded: it includes a wake): a whole answer, or the stream's start."""
