@@ -307,20 +307,16 @@ async def passthrough(t: Transcript, backend: SnapshotBackend) -> None:
     await t.call("POST", "/v1/completions", json_body={**body, "n": 1000})
 
 
+HI = [{"role": "user", "content": "hi"}]
+STREAM_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+
+
 @scenario
 async def cold_wake(t: Transcript, backend: SnapshotBackend) -> None:
     t.note(f"cold models waking for {WAKE_DELAY_S} s with keepalive_s={KEEPALIVE_S}")
     t.note("(consecutive keepalive comments are collapsed to one: their number depends on timing)")
-    await t.call(
-        "POST",
-        "/v1/chat/completions",
-        json_body={"model": "coldgen", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-    )
-    await t.call(
-        "POST",
-        "/v1/completions",
-        json_body={"model": "coldgen", "prompt": "a", "stream": True, "stream_options": {"include_usage": True}},
-    )
+    await t.call("POST", "/v1/chat/completions", json_body={"model": "coldgen", "messages": HI, "stream": True})
+    await t.call("POST", "/v1/completions", json_body={"model": "coldgen", "prompt": "a", **STREAM_USAGE})
     await t.call("POST", "/v1/completions", json_body={"model": "coldgen", "prompt": "a"})
     await t.call("POST", "/v1/completions", json_body={"model": "coldvgen", "prompt": "a", "stream": True})
     await t.call("POST", "/v1/completions", json_body={"model": "coldvgen", "prompt": "a"})
@@ -329,16 +325,8 @@ async def cold_wake(t: Transcript, backend: SnapshotBackend) -> None:
 @scenario
 async def stream_errors(t: Transcript, backend: SnapshotBackend) -> None:
     t.note("a model failing mid-stream: an in-band SSE error event, then [DONE]")
-    await t.call(
-        "POST",
-        "/v1/chat/completions",
-        json_body={"model": "crashgen", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-    )
-    await t.call(
-        "POST",
-        "/v1/completions",
-        json_body={"model": "rejectgen", "prompt": "a", "stream": True, "stream_options": {"include_usage": True}},
-    )
+    await t.call("POST", "/v1/chat/completions", json_body={"model": "crashgen", "messages": HI, "stream": True})
+    await t.call("POST", "/v1/completions", json_body={"model": "rejectgen", "prompt": "a", **STREAM_USAGE})
     t.note("the same models, not streamed: the error is the HTTP answer")
     await t.call("POST", "/v1/completions", json_body={"model": "crashgen", "prompt": "a"})
     await t.call("POST", "/v1/completions", json_body={"model": "rejectgen", "prompt": "a"})
