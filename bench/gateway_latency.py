@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 from common import ROOT, cluster, demo_config, deploy, machine, summary, write_section
@@ -24,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--json", help="also write the raw milliseconds per path to this file")
     args = parser.parse_args()
 
     import ray
@@ -81,6 +84,8 @@ def main() -> None:
         f"at p50 and {added_p99:.1f} ms at p99 over a direct handle call in this run. The handle path",
         "includes up to 10 ms of `@serve.batch` wait (`batch_wait_timeout_s: 0.01`).",
     ]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

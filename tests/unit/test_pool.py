@@ -1,0 +1,118 @@
+"""The pool's choice of victims, as properties over random pools (no Ray, no clock)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zeroserve.pool import EPSILON, Resident, choose_victims, is_idle
+
+NOW = 1000.0
+FRACTIONS = st.sampled_from([0.125, 0.25, 0.5, 1.0])
+NODES = ["a", "b"]
+
+
+@st.composite
+def pools(draw: st.DrawFn) -> tuple[float, dict[str, float], list[Resident]]:
+    """A waiting model's fraction, the free GPUs per node, and the residents of one GPU per node."""
+    residents: list[Resident] = []
+    free = {}
+    for node in NODES:
+        left = 1.0
+        for i in range(draw(st.integers(0, 8))):
+            fraction = draw(FRACTIONS)
+            if fraction > left + EPSILON:
+                break
+            left -= fraction
+            residents.append(
+                Resident(
+                    model=f"{node}{i}",
+                    node=node,
+                    fraction=fraction,
+                    priority=draw(st.integers(0, 2)),
+                    last_used=NOW - draw(st.sampled_from([0.0, 5.0, 11.0, 60.0, 600.0])),
+                    busy=draw(st.sampled_from([0, 0, 0, 1, 3])),
+                    min_hold_s=10.0,
+                    pinned=draw(st.booleans()) and draw(st.booleans()),
+                )
+            )
+        free[node] = left
+    return draw(FRACTIONS), free, residents
+
+
+def _fits(fraction: float, free: dict[str, float], node: str, victims: list[Resident]) -> bool:
+    return free[node] + sum(v.fraction for v in victims) + EPSILON >= fraction
+
+
+@settings(max_examples=400, deadline=None)
+@given(pools())
+def test_victims_are_idle_on_one_node_and_free_enough(pool: tuple[float, dict[str, float], list[Resident]]) -> None:
+    fraction, free, residents = pool
+    victims = choose_victims(fraction, free, residents, NOW)
+    fits_now = any(f + EPSILON >= fraction for f in free.values())
+    if fits_now:
+        assert victims == []
+        return
+    if victims is None:
+        # Nothing idle on any one node frees enough.
+        for node in NODES:
+            idle = [r for r in residents if r.node == node and is_idle(r, NOW)]
+            assert not _fits(fraction, free, node, idle)
+        return
+    assert victims, "a model that does not fit needs at least one victim"
+    assert all(is_idle(v, NOW) and not v.pinned and v.busy == 0 for v in victims)
+    assert len({v.node for v in victims}) == 1
+    node = victims[0].node
+    assert _fits(fraction, free, node, victims)
+    # Never more victims than needed: no smaller set of idle residents fits, on any node.
+    for other in NODES:
+        idle = [r for r in residents if r.node == other and is_idle(r, NOW)]
+        for size in range(1, len(victims)):
+            assert not any(_fits(fraction, free, other, list(c)) for c in itertools.combinations(idle, size))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(0, 800)), min_size=4, max_size=8, unique_by=lambda t: t[1]))
+def test_equal_slices_yield_lowest_priority_then_least_recently_used(keys: list[tuple[int, float]]) -> None:
+    residents = [
+        Resident(f"m{i}", "a", 0.25, priority=p, last_used=NOW - 900 + t) for i, (p, t) in enumerate(keys[:4])
+    ]
+    victims = choose_victims(0.5, {"a": 0.0}, residents, NOW)
+    assert victims is not None
+    expected = sorted(residents, key=lambda r: (r.priority, r.last_used))[:2]
+    assert sorted(v.model for v in victims) == sorted(r.model for r in expected)
+
+
+def test_a_busy_pinned_or_just_woken_model_never_yields() -> None:
+    residents = [
+        Resident("busy", "a", 0.25, last_used=0, busy=1),
+        Resident("pinned", "a", 0.25, last_used=0, pinned=True),
+        Resident("held", "a", 0.25, last_used=NOW - 9.9, min_hold_s=10),
+        Resident("idle", "a", 0.25, last_used=NOW - 10, min_hold_s=10),
+    ]
+    assert choose_victims(0.25, {"a": 0.0}, residents, NOW) == [residents[3]]
+    assert choose_victims(0.5, {"a": 0.0}, residents, NOW) is None
+
+
+def test_the_fewest_victims_win_over_the_order() -> None:
+    # The least recently used is small; one larger idle model alone frees enough.
+    small = Resident("small", "a", 0.25, last_used=0)
+    large = Resident("large", "a", 0.5, last_used=500)
+    assert choose_victims(0.5, {"a": 0.25}, [small, large], NOW) == [small]
+    assert choose_victims(0.75, {"a": 0.0}, [small, large], NOW) is not None
+    assert choose_victims(0.5, {"a": 0.0}, [small, large], NOW) == [large]
+
+
+def test_only_nodes_the_model_may_use() -> None:
+    there = Resident("there", "b", 0.5, last_used=0)
+    assert choose_victims(0.5, {"a": 0.0, "b": 0.0}, [there], NOW, nodes=["a"]) is None
+    assert choose_victims(0.5, {"a": 0.0, "b": 0.0}, [there], NOW, nodes=["b"]) == [there]
+
+
+def test_many_candidates_spare_what_is_not_needed() -> None:
+    residents = [Resident(f"m{i}", "a", 0.125 if i % 2 else 0.25, last_used=i) for i in range(32)]
+    victims = choose_victims(0.25, {"a": 0.0}, residents, NOW)
+    assert victims is not None and sum(v.fraction for v in victims) >= 0.25
+    assert all(sum(v.fraction for v in victims if v is not spared) < 0.25 for spared in victims)
