@@ -29,15 +29,37 @@ def _commit(ref: str, cwd: Path = ROOT) -> str:
     ).stdout.strip()
 
 
-def _run(code: Path | None, n: int, out: Path) -> dict[str, list[float]]:
-    """One gateway_latency run; ``code``: a tree whose src/ and deployments/ replace this one's."""
+def _env(code: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(code / "src"), str(code), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
         )
+    return env
+
+
+def _imports(code: Path | None) -> str:
+    """Where a process started like the run's cluster finds zeroserve and deployments (Ray's
+    workers also search the starting directory: the run starts in ``code``)."""
+    probe = "import deployments, zeroserve; print(deployments.__path__[0], zeroserve.__path__[0])"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=_env(code), cwd=code or ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def _run(code: Path | None, n: int, out: Path) -> dict[str, list[float]]:
+    """One gateway_latency run; ``code``: a tree whose src/ and deployments/ replace this one's."""
     cmd = [sys.executable, str(ROOT / "bench" / "gateway_latency.py"), "--n", str(n), "--no-write", "--json", str(out)]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200)
+    subprocess.run(
+        cmd,
+        env=_env(code),
+        cwd=code or ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=1200,
+    )
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
@@ -61,6 +83,9 @@ def main() -> None:
             ["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True, capture_output=True
         )
         try:
+            seen = _imports(tree)
+            if not seen.startswith(str(tree)) or str(tree / "src") not in seen:
+                raise SystemExit(f"the base run would not use the base code: {seen}")
             for r in range(args.rounds):
                 for label, code in (
                     ((base, tree), (head_label, None)) if r % 2 == 0 else ((head_label, None), (base, tree))

@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import GatewayMetrics
+from deployments.pool_policy import NAMESPACE, evict_key, yield_value
 from zeroserve.config import GatewaySpec, parse_gateway_spec
 from zeroserve.engines import Classification, Embedding
 from zeroserve.errors import ModelUnavailableError, ZeroserveError, model_failed, model_saturated, replica_died
@@ -52,6 +53,34 @@ def _translate(err: BaseException, entry: ModelEntry, retry_after_s: int) -> Bas
     if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
         return replica_died(entry.name)
     return err
+
+
+# A model waiting for room holds a claim this long: another gateway replica does not choose
+# victims for it meanwhile (its victims may need their min_hold_s before they yield).
+_ROOM_CLAIM_S = 15.0
+
+
+def _request_yield(model: str, victims: list[str]) -> list[str]:
+    """Claim the making of room for ``model`` in the GCS (one gateway replica wins), then set each
+    victim's yield key, which its autoscaling policy reads (deployments/pool_policy.py)."""
+    from ray.experimental import internal_kv
+
+    claim, now = f"room:{model}".encode(), time.time()
+    if internal_kv._internal_kv_put(claim, str(now).encode(), overwrite=False, namespace=NAMESPACE):
+        held = internal_kv._internal_kv_get(claim, namespace=NAMESPACE)
+        try:
+            fresh = held is not None and now - float(held) < _ROOM_CLAIM_S
+        except ValueError:
+            fresh = False
+        if fresh:
+            return []
+        internal_kv._internal_kv_put(claim, str(now).encode(), overwrite=True, namespace=NAMESPACE)
+    asked = []
+    for victim in victims:
+        value = yield_value(model, now)
+        if not internal_kv._internal_kv_put(evict_key(victim), value, overwrite=False, namespace=NAMESPACE):
+            asked.append(victim)
+    return asked
 
 
 class ServeBackend:
@@ -147,6 +176,9 @@ class ServeBackend:
 
         nodes = await asyncio.to_thread(ray.nodes)
         return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0)) for n in nodes if n.get("Alive")}
+
+    async def request_yield(self, model: str, victims: Sequence[str]) -> list[str]:
+        return await asyncio.to_thread(_request_yield, model, list(victims))
 
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         try:

@@ -54,6 +54,11 @@ class GatewayMetrics:
         self._cold_starts = Counter(
             "zeroserve_cold_starts_total", "Wakes of a model from zero replicas.", tag_keys=("model",)
         )
+        self._evictions = Counter(
+            "zeroserve_evictions_total",
+            "Models asked to yield their GPU slice to a model that could not be placed.",
+            tag_keys=("model", "for_model"),
+        )
         self._cold_start_seconds = Histogram(
             "zeroserve_cold_start_duration_seconds",
             "Time from the first request to a cold model to its answer.",
@@ -95,6 +100,9 @@ class GatewayMetrics:
     def cold_start(self, model: str, seconds: float) -> None:
         self._cold_starts.inc(1, {"model": model})
         self._cold_start_seconds.observe(seconds, {"model": model})
+
+    def eviction(self, victim: str, for_model: str) -> None:
+        self._evictions.inc(1, {"model": victim, "for_model": for_model})
 
     def pool(self, allocated: dict[str, float], capacity: dict[str, float]) -> None:
         for node in set(allocated) | set(capacity):

@@ -189,7 +189,7 @@ def build(args: dict[str, Any]) -> Application:
     spec = parse_model_spec(args)
     return ModelServer.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_gpus": spec.gpu_fraction, "num_cpus": spec.num_cpus},
-        autoscaling_config=spec.autoscaling.to_ray(),
+        autoscaling_config=spec.ray_autoscaling(),
         max_ongoing_requests=spec.max_ongoing_requests,
         max_queued_requests=spec.max_queued_requests,
     ).bind(spec.model_dump())

@@ -49,6 +49,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Every model deployment's autoscaling policy (deployments/pool_policy.py), and how long after
+# the pool asks an idle model to yield its replica stops.
+POOL_POLICY = "deployments.pool_policy:PoolPolicy"
+POOL_YIELD_DELAY_S = 1.0
+
+
 class AutoscalingSpec(_Strict):
     """Ray Serve autoscaling, with defaults that make scale-to-zero real.
 
@@ -134,6 +140,11 @@ class ModelSpec(_Strict):
         default=None, gt=0, description="Overrides the gateway's bound on waiting for a wake."
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    priority: int = Field(default=0, description="In a full pool, lower priorities yield their slice first.")
+    pinned: bool = Field(default=False, description="Never yields its slice to another model.")
+    min_hold_s: float = Field(
+        default=10.0, ge=0, description="Least idle time before the model may yield (a woken model serves first)."
+    )
     vllm: VLLMOptions | None = None
     weights_gb: float | None = Field(
         default=None,
@@ -168,6 +179,23 @@ class ModelSpec(_Strict):
         if not HUB_ID_RE.match(value) or ".." in value:
             raise ValueError("must be a hub id such as 'org/name' or a local path starting with '/' or './'")
         return value
+
+    def ray_autoscaling(self) -> dict[str, Any]:
+        """The ``autoscaling_config`` of the model's deployment: the pool's policy owns the idle
+        delay (Serve's own scale-to-zero delay, which a custom policy cannot shorten, becomes the
+        time from "yield" to the replica's stop)."""
+        cfg = self.autoscaling.to_ray()
+        idle_to_zero_s = cfg["downscale_to_zero_delay_s"]
+        cfg["downscale_to_zero_delay_s"] = min(idle_to_zero_s, POOL_YIELD_DELAY_S)
+        cfg["policy"] = {
+            "policy_function": POOL_POLICY,
+            "policy_kwargs": {
+                "idle_to_zero_s": idle_to_zero_s,
+                "min_hold_s": self.min_hold_s,
+                "pinned": self.pinned or self.autoscaling.min_replicas >= 1,
+            },
+        }
+        return cfg
 
     @property
     def serves_openai(self) -> bool:

@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["EPSILON", "Resident", "choose_victims", "is_idle"]
+__all__ = ["EPSILON", "Resident", "ScaleInput", "choose_victims", "desired_replicas", "is_idle"]
 
 # Fractions are floats (0.25 + 0.25 + 0.5 == 1.0 must fit): compare with this slack.
 EPSILON = 1e-9
@@ -126,3 +126,47 @@ def _fewest(ordered: list[Resident], needed: float) -> list[Resident] | None:
         if fitting:
             return min(fitting, key=lambda combo: sorted(_order(r) for r in combo))
     return None
+
+
+@dataclass(frozen=True)
+class ScaleInput:
+    """What a model's autoscaling decision looks at (from Serve's autoscaling context).
+
+    Args:
+        current: running replicas.
+        target: the current target.
+        requests: requests in flight and queued, averaged over Serve's look-back window.
+        target_ongoing: requests per replica the model aims at.
+        idle_s: seconds since the model last had a request (0 while it has some).
+        evict: the pool asked this model to yield its slice.
+        idle_to_zero_s: the model's own delay before it scales to zero when idle.
+        min_hold_s: the least idle time before it may yield to another model.
+        pinned: never yields (it may still scale to zero after its own delay, unless min_replicas holds it).
+    """
+
+    current: int
+    target: int
+    requests: float
+    target_ongoing: float
+    idle_s: float
+    evict: bool
+    idle_to_zero_s: float
+    min_hold_s: float
+    pinned: bool = False
+
+
+def desired_replicas(s: ScaleInput) -> float:
+    """The replicas a model wants: Ray's queue-length rule, held at one replica until the model
+    was idle for its own delay, and zero at once when the pool asked it to yield and it may.
+
+    Serve applies its bounds and delays after this; its scale-to-zero delay is kept short,
+    because this function owns the model's idle delay (a custom policy cannot shorten Serve's).
+    """
+    if s.current == 0:
+        return float(s.target)
+    if s.requests <= 0:
+        if s.evict and not s.pinned and s.idle_s >= s.min_hold_s:
+            return 0.0
+        if s.idle_s >= s.idle_to_zero_s:
+            return 0.0
+    return max(1.0, s.requests / s.target_ongoing)

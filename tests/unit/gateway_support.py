@@ -133,12 +133,17 @@ class FakeBackend:
         self.gate.set()
         self.seen_params: list[GenerateParams] = []
         self.calls: list[tuple[str, str]] = []  # (method, model) of every call meant for a replica
+        self.yields: list[tuple[str, list[str]]] = []  # (for model, victims) of every request to yield
 
     async def models(self, refresh: bool = False, max_age_s: float | None = None) -> dict[str, ModelEntry]:
         return self.entries
 
     async def gpus(self) -> dict[str, float]:
         return {"n1": 1.0}
+
+    async def request_yield(self, model: str, victims: Sequence[str]) -> list[str]:
+        self.yields.append((model, list(victims)))
+        return list(victims)
 
     async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         self.calls.append(("embed", entry.name))

@@ -312,3 +312,45 @@ async def test_a_vllm_embedding_model_is_forwarded_and_answered_as_json(stream: 
     assert response.status_code == 200 and response.media_type == "application/json"
     assert backend.calls == [("openai", "vemb")]
     assert passthrough.state.admission.total == 0
+
+
+def _full_pool() -> FakeBackend:
+    """Four ready models hold the only GPU's four slices; "late" is cold and cannot be placed."""
+    from zeroserve.config import ModelSpec
+    from zeroserve.gateway import ModelEntry, ModelState
+
+    backend = FakeBackend()
+    backend.entries = {
+        name: ModelEntry(name, ModelSpec(task="embed", model=f"./{name}", min_hold_s=5), ModelState.READY, 1, 1, ("n1",))
+        for name in ("a", "b", "c", "d")
+    }
+    backend.entries["late"] = ModelEntry("late", ModelSpec(task="embed", model="./late"), ModelState.COLD)
+    return backend
+
+
+async def test_a_model_that_cannot_be_placed_asks_the_least_recently_used_idle_model_to_yield() -> None:
+    from zeroserve.gateway.room import make_room
+
+    backend = _full_pool()
+    state = GatewayState.create(GatewaySpec(), backend)
+    now = time.time()
+    for name, age in (("a", 60), ("b", 600), ("c", 30), ("d", 1)):
+        state.stats.models[name].last_request = now - age
+    state.admission.acquire("b")  # b is the least recently used, but busy
+    asked = await make_room(state, backend.entries["late"], backend.entries)
+    assert asked == ["a"] and backend.yields == [("late", ["a"])]
+    # A model that fits asks nobody.
+    backend.entries.pop("d")
+    assert await make_room(state, backend.entries["late"], backend.entries) == []
+    assert len(backend.yields) == 1
+
+
+async def test_nothing_idle_long_enough_means_no_victim() -> None:
+    from zeroserve.gateway.room import make_room
+
+    backend = _full_pool()
+    state = GatewayState.create(GatewaySpec(), backend)
+    for name in "abcd":
+        state.stats.models[name].last_request = time.time() - 1  # under min_hold_s
+    assert await make_room(state, backend.entries["late"], backend.entries) == []
+    assert backend.yields == []

@@ -76,9 +76,7 @@ def test_victims_are_idle_on_one_node_and_free_enough(pool: tuple[float, dict[st
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.floats(0, 800)), min_size=4, max_size=8, unique_by=lambda t: t[1]))
 def test_equal_slices_yield_lowest_priority_then_least_recently_used(keys: list[tuple[int, float]]) -> None:
-    residents = [
-        Resident(f"m{i}", "a", 0.25, priority=p, last_used=NOW - 900 + t) for i, (p, t) in enumerate(keys[:4])
-    ]
+    residents = [Resident(f"m{i}", "a", 0.25, priority=p, last_used=NOW - 900 + t) for i, (p, t) in enumerate(keys[:4])]
     victims = choose_victims(0.5, {"a": 0.0}, residents, NOW)
     assert victims is not None
     expected = sorted(residents, key=lambda r: (r.priority, r.last_used))[:2]
@@ -116,3 +114,33 @@ def test_many_candidates_spare_what_is_not_needed() -> None:
     victims = choose_victims(0.25, {"a": 0.0}, residents, NOW)
     assert victims is not None and sum(v.fraction for v in victims) >= 0.25
     assert all(sum(v.fraction for v in victims if v is not spared) < 0.25 for spared in victims)
+
+
+def _scale(**kw: object) -> float:
+    from zeroserve.pool import ScaleInput, desired_replicas
+
+    base: dict[str, object] = dict(
+        current=1,
+        target=1,
+        requests=0.0,
+        target_ongoing=2.0,
+        idle_s=0.0,
+        evict=False,
+        idle_to_zero_s=300.0,
+        min_hold_s=10.0,
+    )
+    return desired_replicas(ScaleInput(**{**base, **kw}))  # type: ignore[arg-type]
+
+
+def test_a_model_keeps_its_replica_until_its_own_idle_delay() -> None:
+    assert _scale(idle_s=299.0) == 1.0
+    assert _scale(idle_s=300.0) == 0.0
+    assert _scale(requests=6.0) == 3.0  # Ray's queue-length rule above one replica
+    assert _scale(current=0, target=1, requests=1.0) == 1.0  # a wake
+
+
+def test_a_model_asked_to_yield_goes_at_once_when_idle_and_held_long_enough() -> None:
+    assert _scale(evict=True, idle_s=10.0) == 0.0
+    assert _scale(evict=True, idle_s=9.0) == 1.0  # min_hold_s: just woken, serves its caller first
+    assert _scale(evict=True, idle_s=60.0, requests=0.5) == 1.0  # work in the look-back window: never
+    assert _scale(evict=True, idle_s=60.0, pinned=True) == 1.0

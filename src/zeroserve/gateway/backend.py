@@ -42,6 +42,11 @@ class Backend(Protocol):
         """GPUs per live node (node id to count), for the pool's occupancy."""
         ...
 
+    async def request_yield(self, model: str, victims: Sequence[str]) -> list[str]:
+        """Ask ``victims`` to yield their slices to ``model`` (their autoscaling policies decide
+        when they are idle); the ones asked now: none when room is already being made for ``model``."""
+        ...
+
     def openai(self, entry: ModelEntry, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Forward an OpenAI request to the engine's own OpenAI layer (vLLM models).
 

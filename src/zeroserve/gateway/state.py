@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ class GatewayState:
     wakes: WakeTracker
     # Work that must finish after its request is answered (a charge at a stream's close).
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    _capacity: tuple[float, dict[str, float]] = (-1e9, {})
 
     @classmethod
     def create(
@@ -56,6 +58,14 @@ class GatewayState:
             obs=obs,
             wakes=WakeTracker(),
         )
+
+    async def capacity(self, max_age_s: float = 5.0) -> dict[str, float]:
+        """GPUs per live node, read at most every ``max_age_s`` (the node list is a GCS call)."""
+        read_at, capacity = self._capacity
+        if time.monotonic() - read_at >= max_age_s:
+            capacity = await self.backend.gpus()
+            self._capacity = (time.monotonic(), capacity)
+        return capacity
 
     def keep(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` to its end after the request that started it is gone (a reference is kept)."""

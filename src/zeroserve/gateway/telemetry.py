@@ -31,6 +31,8 @@ class Observer(Protocol):
 
     def cold_start(self, model: str, seconds: float) -> None: ...
 
+    def eviction(self, victim: str, for_model: str) -> None: ...
+
 
 class NullObserver:
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
@@ -49,6 +51,9 @@ class NullObserver:
         pass
 
     def cold_start(self, model: str, seconds: float) -> None:
+        pass
+
+    def eviction(self, victim: str, for_model: str) -> None:
         pass
 
 

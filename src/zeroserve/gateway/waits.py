@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeroserve.errors import model_failed, model_not_ready
 from zeroserve.gateway.registry import ModelEntry, ModelState
+from zeroserve.gateway.room import make_room
 
 if TYPE_CHECKING:
     from zeroserve.gateway.state import GatewayState
 
 __all__ = ["FAILURE_POLL_S", "bounded"]
+
+logger = logging.getLogger("zeroserve.gateway")
 
 # How often a request waiting for a cold model checks that the model has not failed to start.
 FAILURE_POLL_S = 1.0
@@ -69,10 +73,15 @@ async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio
     while True:
         done, _ = await asyncio.wait({answer}, timeout=FAILURE_POLL_S)
         if not done:
-            current = (await state.backend.models(max_age_s=FAILURE_POLL_S)).get(entry.name)
+            models = await state.backend.models(max_age_s=FAILURE_POLL_S)
+            current = models.get(entry.name)
         if done or answer.done():  # an answer that came during the look is kept
             return answer.result()
         if current is None:
             raise model_failed(entry.name, "it was removed from the pool", state.spec.retry_after_s)
         if current.state is ModelState.FAILED:
             raise model_failed(entry.name, current.message, state.spec.retry_after_s)
+        try:
+            await make_room(state, current, models)
+        except Exception as err:  # noqa: BLE001 - the wait goes on: the model may still find room
+            logger.warning("pool: could not make room for %s: %s", entry.name, err)
