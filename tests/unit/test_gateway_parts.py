@@ -321,7 +321,9 @@ def _full_pool() -> FakeBackend:
 
     backend = FakeBackend()
     backend.entries = {
-        name: ModelEntry(name, ModelSpec(task="embed", model=f"./{name}", min_hold_s=5), ModelState.READY, 1, 1, ("n1",))
+        name: ModelEntry(
+            name, ModelSpec(task="embed", model=f"./{name}", min_hold_s=5), ModelState.READY, 1, 1, ("n1",)
+        )
         for name in ("a", "b", "c", "d")
     }
     backend.entries["late"] = ModelEntry("late", ModelSpec(task="embed", model="./late"), ModelState.COLD)
@@ -354,3 +356,29 @@ async def test_nothing_idle_long_enough_means_no_victim() -> None:
         state.stats.models[name].last_request = time.time() - 1  # under min_hold_s
     assert await make_room(state, backend.entries["late"], backend.entries) == []
     assert backend.yields == []
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_stream_to_a_cold_vllm_model_that_fails_validation_is_a_400_before_any_wake(chat: bool) -> None:
+    """Before, a cold vLLM model's stream sent its headers at once and the engine's refusal came
+    in-band after the wake: a 200 carrying an error."""
+    import json
+
+    from zeroserve.config import ModelSpec
+    from zeroserve.gateway import ModelEntry, ModelState
+
+    backend = FakeBackend()
+    backend.entries["cold"] = ModelEntry(
+        "cold", ModelSpec(task="generate", engine="vllm", model="./v"), ModelState.COLD
+    )
+    _, _, generate, _ = _services(backend)
+    if chat:
+        tools = [{"type": "function", "function": {"name": "weather"}}]
+        choice = {"type": "function", "function": {"name": "stocks"}}
+        body = {"model": "cold", "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice}
+    else:
+        body = {"model": "cold", "prompt": ["x"] * 5000}
+    raw = json.dumps({**body, "stream": True}).encode()
+    with pytest.raises(InvalidRequestError):
+        await generate.create(_request(raw, "/v1/chat/completions" if chat else "/v1/completions"), chat=chat)
+    assert backend.calls == []
