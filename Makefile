@@ -18,7 +18,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench chaos load fuzz gpu-check clean
+.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-ab chaos load fuzz gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
@@ -27,7 +27,8 @@ help:
 	@echo "make observe    Prometheus on 127.0.0.1:9090 scraping the local cluster"
 	@echo "make test       set up and run the whole test suite"
 	@echo "make deploy     plan, then deploy CONFIG=... (CLUSTER=cluster.yaml or GPUS=4xA100-80GB; ADDRESS=...)"
-	@echo "make bench      run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
+	@echo "make bench      run the benchmarks in bench/; each writes its own section of docs/benchmarks.md"
+	@echo "make bench-ab BASE=rev   the gateway's cost at BASE and now, alternating (in-process and through Ray)"
 	@echo "make chaos      faults under load, a failing model, a redeploy: figures to docs/reliability.md"
 	@echo "make load       twice the load the pool can serve, with and without limits (locust): docs/reliability.md"
 	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
@@ -97,6 +98,11 @@ lint: venv
 bench: models
 	$(BIN)/python bench/gateway_latency.py
 	$(BIN)/python bench/cold_start.py
+
+bench-ab: models
+	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }
+	$(BIN)/python bench/gateway_inprocess.py --base $(BASE)
+	$(BIN)/python bench/gateway_ab.py --base $(BASE)
 
 # The reliability suite's long versions (the short ones are in `make test`); loopback only.
 chaos: models

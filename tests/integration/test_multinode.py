@@ -37,6 +37,9 @@ def _classify(pool: Pool, model: str) -> httpx.Response:
 
 def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> None:
     pool = joinable_pool
+    # The gateway first, while the head is the only node: losing the second node below is about
+    # its models (a gateway replica on a lost node is issue 15's whole-machine case).
+    pool.deploy(pool.config({}))
     before = _alive_nodes(pool)
     node = add_node(
         pool.run_dir, pool.cluster, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
