@@ -400,7 +400,8 @@ def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, P
     errors: list[str] = []
     warnings: list[str] = []
     estimates: dict[str, Estimate] = {}
-    items: list[tuple[str, float, int]] = []
+    pinned: list[tuple[str, float, int]] = []
+    others: list[tuple[str, float, int]] = []
     largest = max((g.memory_bytes for g in gpus), default=0)
     for name, spec in models.items():
         try:
@@ -424,8 +425,25 @@ def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, P
                 f"gpu_fraction {suggested:.2f} would do"
             )
         replicas = max(spec.autoscaling.min_replicas, 1)
-        items += [(f"{name}#{r}" if replicas > 1 else name, spec.gpu_fraction, need) for r in range(replicas)]
-    placement = pack(items, gpus)
-    for name, fraction in placement.unplaced:
-        errors.append(f"model '{name}' ({fraction:g} GPU) does not fit: the cluster's GPUs are full")
+        held = spec.pinned or spec.autoscaling.min_replicas >= 1
+        for r in range(replicas):
+            (pinned if held else others).append((f"{name}#{r}" if replicas > 1 else name, spec.gpu_fraction, need))
+    # Pinned models are always awake: they must fit together. Every other model must fit on some
+    # GPU next to them; together they may hold more than the GPUs (the pool: idle models yield).
+    placement = pack(pinned + others, gpus)
+    held_placement = pack(pinned, gpus)
+    for name, fraction in held_placement.unplaced:
+        errors.append(f"pinned model '{name}' ({fraction:g} GPU) does not fit: pinned models alone fill the GPUs")
+    for name, fraction, need in others:
+        if not any(_fits(g, held_placement.used(g.name), fraction, need) for g in gpus):
+            errors.append(
+                f"model '{name}' ({fraction:g} GPU) does not fit: no GPU has room for it next to the pinned models"
+            )
+    if placement.unplaced and not errors:
+        awake = len(pinned) + len(others) - len(placement.unplaced)
+        names = ", ".join(n for n, _, _ in pinned) or "none"
+        warnings.append(
+            f"{len(pinned) + len(others)} models, at most about {awake} awake at once: the others wake when "
+            f"an idle model yields its slice (pinned: {names})"
+        )
     return PlanResult(estimates, placement, errors, warnings, largest)

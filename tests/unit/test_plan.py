@@ -102,11 +102,23 @@ def test_plan_refuses_with_need_and_budget() -> None:
     assert "but its 0.25 share of a 80 GB GPU is 20.0 GB" in result.errors[0]
 
 
-def test_plan_counts_a_model_at_zero_and_warns_on_waste() -> None:
+def test_plan_accepts_more_models_than_slices_and_says_so() -> None:
     tiny = ModelSpec(task="embed", model="org/e", weights_gb=0.1, gpu_fraction=0.5)
     result = plan({"a": tiny, "b": tiny, "c": tiny}, parse_gpus("1xA100-80GB"))
-    assert not result.ok and "model 'c' (0.5 GPU) does not fit" in result.errors[-1]
+    assert result.ok, result.errors
+    assert any(w.startswith("3 models, at most about 2 awake at once") for w in result.warnings)
     assert any("gpu_fraction 0.05 would do" in w for w in result.warnings)
+
+
+def test_plan_refuses_pinned_models_that_do_not_fit_together_and_a_model_with_no_room() -> None:
+    tiny = ModelSpec(task="embed", model="org/e", weights_gb=0.1, gpu_fraction=0.5)
+    pinned = ModelSpec.model_validate({**tiny.model_dump(), "pinned": True})
+    result = plan({"a": pinned, "b": pinned, "c": pinned}, parse_gpus("1xA100-80GB"))
+    assert not result.ok and "pinned model 'c' (0.5 GPU) does not fit" in result.errors[0]
+    held = ModelSpec.model_validate({**tiny.model_dump(), "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
+    whole = ModelSpec.model_validate({**tiny.model_dump(), "gpu_fraction": 0.75})
+    result = plan({"a": held, "b": whole}, parse_gpus("1xA100-80GB"))
+    assert not result.ok and "model 'b' (0.75 GPU) does not fit: no GPU has room" in result.errors[0]
 
 
 items_strategy = st.lists(
