@@ -30,6 +30,7 @@ __all__ = [
     "model_failed",
     "model_not_ready",
     "model_saturated",
+    "pool_busy",
     "replica_died",
     "from_validation",
 ]
@@ -194,6 +195,16 @@ def model_not_ready(name: str, waited_s: float, state: str, retry_after_s: float
         f"model '{name}' did not answer within {waited_s:.0f} s (state was {state}); it may be waking "
         "or may not fit on the cluster's GPUs right now. Retry later.",
         code="model_not_ready",
+        retry_after_s=retry_after_s,
+    )
+
+
+def pool_busy(name: str, waited_s: float, retry_after_s: float) -> ModelUnavailableError:
+    """A cold model waited for a GPU slice, and every model holding one stayed busy."""
+    return ModelUnavailableError(
+        f"model '{name}' could not get a GPU slice within {waited_s:.0f} s: every model holding one "
+        "was busy, pinned or just woken. Retry later.",
+        code="pool_busy",
         retry_after_s=retry_after_s,
     )
 

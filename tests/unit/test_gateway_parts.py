@@ -354,7 +354,7 @@ async def test_nothing_idle_long_enough_means_no_victim() -> None:
     state = GatewayState.create(GatewaySpec(), backend)
     for name in "abcd":
         state.stats.models[name].last_request = time.time() - 1  # under min_hold_s
-    assert await make_room(state, backend.entries["late"], backend.entries) == []
+    assert await make_room(state, backend.entries["late"], backend.entries) is None  # nothing can yield
     assert backend.yields == []
 
 
@@ -382,3 +382,20 @@ async def test_a_stream_to_a_cold_vllm_model_that_fails_validation_is_a_400_befo
     with pytest.raises(InvalidRequestError):
         await generate.create(_request(raw, "/v1/chat/completions" if chat else "/v1/completions"), chat=chat)
     assert backend.calls == []
+
+
+async def test_a_cold_model_that_finds_no_room_in_its_bound_is_a_pool_busy_503() -> None:
+    """Every resident is busy: the waiting request ends with pool_busy, not a generic timeout."""
+    from zeroserve.errors import ModelUnavailableError
+    from zeroserve.gateway.waits import bounded
+
+    backend = _full_pool()
+    spec = GatewaySpec(cold_start_timeout_s=2.5, retry_after_s=4)
+    state = GatewayState.create(spec, backend)
+    for name in "abcd":
+        state.admission.acquire(name)  # every resident has work
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with pytest.raises(ModelUnavailableError) as err:
+        await bounded(state, backend.entries["late"], never)
+    assert err.value.code == "pool_busy" and err.value.retry_after_s == 4
+    assert "late" in err.value.message and backend.yields == []

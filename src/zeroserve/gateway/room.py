@@ -50,9 +50,13 @@ def residents(state: GatewayState, models: Mapping[str, ModelEntry]) -> list[Res
     return out
 
 
-async def make_room(state: GatewayState, entry: ModelEntry, models: Mapping[str, ModelEntry]) -> list[str]:
-    """Ask idle models to yield when ``entry`` fits on no node; the models asked (none: it fits, or
-    nothing idle frees enough, or another request already made room for it)."""
+async def make_room(state: GatewayState, entry: ModelEntry, models: Mapping[str, ModelEntry]) -> list[str] | None:
+    """Ask idle models to yield when ``entry`` fits on no node.
+
+    Returns:
+        The models asked now; [] when it fits, or room is already being made for it; None when it
+        fits on no node and nothing there can yield (every resident busy, pinned or just woken).
+    """
     if entry.spec is None or entry.state is ModelState.READY:
         return []
     capacity = await state.capacity()
@@ -62,6 +66,8 @@ async def make_room(state: GatewayState, entry: ModelEntry, models: Mapping[str,
     free = {node: gpus - used.get(node, 0.0) for node, gpus in capacity.items()}
     now = time.time()
     victims = choose_victims(entry.spec.gpu_fraction, free, residents(state, models), now)
+    if victims is None:
+        return None
     if not victims:
         return []
     asked = await state.backend.request_yield(entry.name, [v.model for v in victims])

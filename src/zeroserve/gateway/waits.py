@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from zeroserve.errors import model_failed, model_not_ready
+from zeroserve.errors import model_failed, model_not_ready, pool_busy
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.room import make_room
 
@@ -46,11 +47,14 @@ async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T])
     budget = entry.spec.cold_start_timeout_s or state.spec.cold_start_timeout_s
     state.wakes.begin(entry.name)
     task = asyncio.ensure_future(answer)  # started here, so it is cancelled here on any exit
+    room = _Room()
     try:
-        result = await asyncio.wait_for(_unless_failed(state, entry, task), budget)
+        result = await asyncio.wait_for(_unless_failed(state, entry, task, room), budget)
     except BaseException as err:
         state.wakes.abandon(entry.name)
         if isinstance(err, TimeoutError):
+            if room.busy:
+                raise pool_busy(entry.name, budget, state.spec.retry_after_s) from None
             raise model_not_ready(entry.name, budget, entry.state.value, state.spec.retry_after_s) from None
         raise
     finally:
@@ -63,7 +67,15 @@ async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T])
     return result
 
 
-async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio.Future[Any]) -> Any:
+@dataclass
+class _Room:
+    """What the last look for room found: ``busy`` when the model fit on no GPU and no model
+    there could yield (all busy, pinned or just woken)."""
+
+    busy: bool = False
+
+
+async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio.Future[Any], room: _Room) -> Any:
     """Await a waking model's answer, but give up as soon as Serve says the model failed.
 
     A request waiting for a replica is not told when Serve gives up starting one (its
@@ -82,6 +94,6 @@ async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio
         if current.state is ModelState.FAILED:
             raise model_failed(entry.name, current.message, state.spec.retry_after_s)
         try:
-            await make_room(state, current, models)
+            room.busy = await make_room(state, current, models) is None
         except Exception as err:  # noqa: BLE001 - the wait goes on: the model may still find room
             logger.warning("pool: could not make room for %s: %s", entry.name, err)
