@@ -8,6 +8,7 @@ each through a ``DeploymentHandle`` (whose request wakes a cold model).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -83,6 +84,18 @@ def _request_yield(model: str, victims: list[str]) -> list[str]:
     return asked
 
 
+def _yielding() -> set[str]:
+    """The models the pool asked to yield and that have not yet (their GCS keys)."""
+    from ray.experimental import internal_kv
+
+    try:
+        keys = internal_kv._internal_kv_list(b"evict:", namespace=NAMESPACE)
+    except Exception as err:  # noqa: BLE001 - shown as not evicting until the next read
+        logger.debug("pool: could not list the yield keys: %s", err)
+        return set()
+    return {key.decode(errors="replace").removeprefix("evict:") for key in keys}
+
+
 class ServeBackend:
     """The gateway's view of Serve: a cached model directory and one handle per model."""
 
@@ -146,8 +159,11 @@ class ServeBackend:
     async def _read(self) -> dict[str, ModelEntry]:
         client = self._client or serve.context._get_global_client()
         assert client is not None, "not running inside a Serve application"
-        details = await asyncio.get_running_loop().run_in_executor(self._reader, client.get_serve_details)
-        self._entries = entries_from_details(details)
+        loop = asyncio.get_running_loop()
+        details = await loop.run_in_executor(self._reader, client.get_serve_details)
+        yielding = await loop.run_in_executor(self._reader, _yielding)
+        entries = entries_from_details(details)
+        self._entries = {n: dataclasses.replace(e, evicting=True) if n in yielding else e for n, e in entries.items()}
         self._fetched_at = time.monotonic()
         for gone in set(self._handles) - set(self._entries):
             self._handles.pop(gone, None)

@@ -206,7 +206,7 @@ def _status_table(data: dict[str, Any]) -> Any:
             m["id"],
             str(m["task"]),
             str(m["engine"]),
-            f"[{colors.get(m['state'], 'white')}]{m['state']}[/]",
+            f"[{colors.get(m['state'], 'white')}]{m['state']}[/]" + (" (evicting)" if m.get("evicting") else ""),
             f"{m['replicas']}/{m['target_replicas']}",
             f"{m['gpu_fraction']}",
             ", ".join(n[:8] for n in m["nodes"]) or "-",

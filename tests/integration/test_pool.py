@@ -8,7 +8,9 @@ minutes. With it, the least recently used idle model that is not pinned yields a
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from .conftest import Pool, wait_for
@@ -28,6 +30,11 @@ def full_pool(pool: Pool) -> Pool:
     return pool
 
 
+def _evicting(pool: Pool) -> set[str]:
+    listed = httpx.get(f"{pool.base_url}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in listed if m["zeroserve"]["evicting"]}
+
+
 def _running(pool: Pool, name: str) -> int:
     return len(pool.running_replica_ids(name))
 
@@ -38,7 +45,11 @@ def test_a_fifth_model_is_served_after_an_idle_one_yields(full_pool: Pool) -> No
         assert client.post("/classify", body={"model": name, "input": "fine"}, cast_to=object)
         wait_for(lambda n=name: _running(full_pool, n) == 1, 60, f"{name} to hold a slice")
     started = time.monotonic()
-    answer = client.post("/classify", body={"model": NAMES[4], "input": "fine"}, cast_to=object)
+    with ThreadPoolExecutor(1) as ex:
+        fifth = ex.submit(client.post, "/classify", body={"model": NAMES[4], "input": "fine"}, cast_to=object)
+        # While it waits, /v1/models shows which model is giving its slice up.
+        wait_for(lambda: _evicting(full_pool) == {NAMES[1]}, 60, "pool-1 listed as evicting")
+        answer = fifth.result(timeout=180)
     waited = time.monotonic() - started
     assert answer
     # The least recently used model that is not pinned (pool-1) gave way; pool-0 is pinned.
@@ -54,8 +65,6 @@ def _at_zero(pool: Pool, names: list[str]) -> list[str]:
 
 def test_two_gateway_replicas_racing_for_one_slot_evict_one_model(full_pool: Pool) -> None:
     """Requests for one cold model arrive through two gateway replicas at once: one claim, one victim."""
-    from concurrent.futures import ThreadPoolExecutor
-
     models = {n: a["args"] for n, a in _apps(full_pool).items()}
     full_pool.deploy(full_pool.config(models, num_replicas=2))
     wait_for(lambda: len(full_pool.running_replica_ids("gateway")) == 2, 120, "two gateway replicas")

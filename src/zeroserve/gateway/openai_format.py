@@ -39,6 +39,7 @@ def model_card(entry: ModelEntry) -> dict[str, Any]:
             "task": s.task if s else None,
             "engine": s.engine if s else None,
             "state": entry.state.value,
+            "evicting": entry.evicting,
             "replicas": entry.replicas,
             "target_replicas": entry.target_replicas,
             "gpu_fraction": s.gpu_fraction if s else None,

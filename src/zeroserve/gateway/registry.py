@@ -40,6 +40,7 @@ class ModelEntry:
     replica_nodes: tuple[str, ...] = ()  # one entry per running replica
     message: str = ""
     deployment: str = ""
+    evicting: bool = False  # the pool asked it to yield its slice; it goes once idle
 
     @property
     def nodes(self) -> tuple[str, ...]:
