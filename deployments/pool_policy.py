@@ -59,7 +59,7 @@ class PoolPolicy:
         poll_s: how often the yield key is read (a GCS call, from the controller's loop).
     """
 
-    def __init__(self, idle_to_zero_s: float, min_hold_s: float = 10.0, pinned: bool = False, poll_s: float = 0.5):
+    def __init__(self, idle_to_zero_s: float, min_hold_s: float = 10.0, pinned: bool = False, poll_s: float = 0.25):
         self.idle_to_zero_s = idle_to_zero_s
         self.min_hold_s = min_hold_s
         self.pinned = pinned

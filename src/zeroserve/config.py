@@ -49,10 +49,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# Every model deployment's autoscaling policy (deployments/pool_policy.py), and how long after
-# the pool asks an idle model to yield its replica stops.
+# Every model deployment's autoscaling policy (deployments/pool_policy.py), and Serve's own delay
+# before a scale to zero: none, since the policy already waited for the model's idle delay (or its
+# min_hold_s when the pool asked it to yield).
 POOL_POLICY = "deployments.pool_policy:PoolPolicy"
-POOL_YIELD_DELAY_S = 1.0
+POOL_YIELD_DELAY_S = 0.0
 
 
 class AutoscalingSpec(_Strict):

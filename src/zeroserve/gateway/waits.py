@@ -82,6 +82,9 @@ async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio
     constructor failed its bounded number of times): without this it would wait out the
     whole cold-start bound for a model that will not come.
     """
+    # The first look for room at once: a model that fits nowhere should not wait a poll to ask.
+    with contextlib.suppress(Exception):
+        room.busy = await make_room(state, entry, await state.backend.models()) is None
     while True:
         done, _ = await asyncio.wait({answer}, timeout=FAILURE_POLL_S)
         if not done:
