@@ -119,6 +119,39 @@ def embedding_latencies(
     return out
 
 
+@contextmanager
+def worktree(ref: str, where: Path) -> Iterator[Path]:
+    """A detached checkout of ``ref`` at ``where`` for the duration (another commit's code)."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(where), ref], cwd=ROOT, check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, check=False)
+
+
+def alternating(rounds: int, first: str, second: str) -> Iterator[tuple[int, str]]:
+    """(round, side) for two sides measured in turn, their order swapped every round so that a
+    drift of the machine hits both alike."""
+    for r in range(rounds):
+        for side in (first, second) if r % 2 == 0 else (second, first):
+            yield r, side
+
+
+def head_commit() -> str:
+    """This tree's commit, short (what a figure was measured on)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def publish(section: str, lines: list[str], write: bool = True) -> None:
+    """Print a benchmark's figures and (unless ``write`` is off) put them in their section of
+    docs/benchmarks.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(ROOT / "docs" / "benchmarks.md", section, text)
+
+
 def write_section(path: Path, name: str, text: str) -> None:
     """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``
     (appending the markers if they are missing): benchmarks rewrite their own figures only."""

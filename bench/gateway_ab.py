@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine, pct, write_section
+from common import ROOT, alternating, machine, pct, publish, worktree
 
 
 def _commit(ref: str, cwd: Path = ROOT) -> str:
@@ -77,23 +77,14 @@ def main() -> None:
     )
     head_label = head + ("+uncommitted" if dirty.stdout.strip() else "")
     runs: dict[str, list[dict[str, list[float]]]] = {base: [], head_label: []}
-    with tempfile.TemporaryDirectory(prefix="zs-ab-") as tmp:
-        tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True, capture_output=True
-        )
-        try:
-            seen = _imports(tree)
-            if not seen.startswith(str(tree)) or str(tree / "src") not in seen:
-                raise SystemExit(f"the base run would not use the base code: {seen}")
-            for r in range(args.rounds):
-                for label, code in (
-                    ((base, tree), (head_label, None)) if r % 2 == 0 else ((head_label, None), (base, tree))
-                ):
-                    runs[label].append(_run(code, args.n, Path(tmp) / f"{label}-{r}.json"))
-                    print(f"round {r + 1}: {label} done", flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with tempfile.TemporaryDirectory(prefix="zs-ab-") as tmp, worktree(base, Path(tmp) / "base") as tree:
+        seen = _imports(tree)
+        if not seen.startswith(str(tree)) or str(tree / "src") not in seen:
+            raise SystemExit(f"the base run would not use the base code: {seen}")
+        code = {base: tree, head_label: None}
+        for r, label in alternating(args.rounds, base, head_label):
+            runs[label].append(_run(code[label], args.n, Path(tmp) / f"{label}-{r}.json"))
+            print(f"round {r + 1}: {label} done", flush=True)
 
     lines = [
         f"`bench/gateway_ab.py --base {args.base} --rounds {args.rounds} --n {args.n}`; {machine()}.",
@@ -121,10 +112,7 @@ def main() -> None:
         + ". What this does not show: streaming paths and vLLM (this is one embedding request), and",
         "differences smaller than the run-to-run spread in the table.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "gateway-ab", text)
+    publish("gateway-ab", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine, write_section
+from common import ROOT, alternating, machine, publish, worktree
 
 # Run in a child with the side's code first on sys.path (its zeroserve, its FakeBackend).
 _CHILD = r"""
@@ -80,21 +80,16 @@ def main() -> None:
     args = parser.parse_args()
     base, head = _commit(args.base), _commit("HEAD")
     p50: dict[str, dict[str, list[float]]] = {base: {}, head: {}}
-    with tempfile.TemporaryDirectory(prefix="zs-inproc-") as tmp:
-        trees = {base: Path(tmp) / "base", head: Path(tmp) / "head"}
-        for ref, tree in trees.items():
-            subprocess.run(
-                ["git", "worktree", "add", "--detach", str(tree), ref], cwd=ROOT, check=True, capture_output=True
-            )
-        try:
-            for r in range(args.rounds):
-                for label in (base, head) if r % 2 == 0 else (head, base):
-                    for name, times in _run(trees[label], args.n).items():
-                        p50[label].setdefault(name, []).append(statistics.median(times))
-                    print(f"round {r + 1}: {label} done", flush=True)
-        finally:
-            for tree in trees.values():
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with (
+        tempfile.TemporaryDirectory(prefix="zs-inproc-") as tmp,
+        worktree(base, Path(tmp) / "base") as base_tree,
+        worktree(head, Path(tmp) / "head") as head_tree,
+    ):
+        trees = {base: base_tree, head: head_tree}
+        for r, label in alternating(args.rounds, base, head):
+            for name, times in _run(trees[label], args.n).items():
+                p50[label].setdefault(name, []).append(statistics.median(times))
+            print(f"round {r + 1}: {label} done", flush=True)
     lines = [
         f"`bench/gateway_inprocess.py --base {args.base} --rounds {args.rounds} --n {args.n}`; {machine()}.",
         f"The gateway app in-process (httpx ASGI transport, the in-memory backend of the unit tests), {args.n}",
@@ -111,10 +106,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {old:.0f} ({spread_old}) | {new:.0f} ({spread_new}) | {100 * (new / old - 1):+.1f} % |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "gateway-inprocess", text)
+    publish("gateway-inprocess", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

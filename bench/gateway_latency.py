@@ -11,12 +11,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, machine, summary, write_section
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, publish, summary
 
 MODEL = "all-MiniLM-L6-v2"
 TEXT = "A man is eating a piece of bread."
@@ -67,12 +66,12 @@ def main() -> None:
             results["engine in-process"].append((time.perf_counter() - t) * 1000)
         ray.shutdown()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = head_commit()
     gateway, handle_ms = results["gateway (HTTP)"], results["DeploymentHandle"]
     added_p50 = statistics.median(gateway) - statistics.median(handle_ms)
     added_p99 = sorted(gateway)[int(0.99 * (len(gateway) - 1))] - sorted(handle_ms)[int(0.99 * (len(handle_ms) - 1))]
     lines = [
-        f"`bench/gateway_latency.py`, commit {commit.stdout.strip() or 'unknown'}; {machine()}.",
+        f"`bench/gateway_latency.py`, commit {commit}; {machine()}.",
         f"One MiniLM embedding of one sentence, {args.n} requests per path, the three paths",
         "interleaved in one run on one warm replica.",
         "",
@@ -86,10 +85,7 @@ def main() -> None:
     ]
     if args.json:
         Path(args.json).write_text(json.dumps(results))
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "gateway-latency", text)
+    publish("gateway-latency", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

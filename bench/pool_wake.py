@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import time
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, machine, wait, write_section
+from common import cluster, demo_config, deploy, head_commit, machine, publish, wait
 
 NAMES = [f"w{i}" for i in range(5)]
 
@@ -89,10 +88,10 @@ def main() -> None:
             time.sleep(1.5)
             evict.append(_call(http, port, NAMES[4]))
             print(f"round {r + 1}: free {free[-1]:.2f} s, evict {evict[-1]:.2f} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = head_commit()
     ratio = statistics.median(evict) / statistics.median(free)
     lines = [
-        f"`bench/pool_wake.py --rounds {args.rounds}`, commit {commit.stdout.strip()}; {machine()}.",
+        f"`bench/pool_wake.py --rounds {args.rounds}`, commit {commit}; {machine()}.",
         "Five copies of tiny-sentiment at 0.25 on one logical GPU, a ten-minute idle delay, `min_hold_s: 1`;",
         "per round (fresh apps): three woken, then a wake into the free slot, then a wake that first evicts",
         "the least recently used. Seconds from request to answer through the gateway.",
@@ -105,10 +104,7 @@ def main() -> None:
         f"A wake that first evicts costs {ratio:.2f}x a wake into a free slot (issue 12's goal: at most 1.2x).",
         "Without the pool the fifth model would wait out the ten-minute idle delay of one of the four.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "pool-wake", text)
+    publish("pool-wake", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":
