@@ -76,9 +76,8 @@ def _request_yield(model: str, victims: list[str]) -> list[str]:
         if fresh:
             return []
         internal_kv._internal_kv_put(claim, str(now).encode(), overwrite=True, namespace=NAMESPACE)
-    asked = []
+    asked, value = [], yield_value(model, now)
     for victim in victims:
-        value = yield_value(model, now)
         if not internal_kv._internal_kv_put(evict_key(victim), value, overwrite=False, namespace=NAMESPACE):
             asked.append(victim)
     return asked

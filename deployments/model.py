@@ -25,7 +25,7 @@ from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.quota import SharedMeter
 from zeroserve.streams import coalesce
-from zeroserve.wire import Accepted, Delta, Meter, OpenAIStream, Usage, decode, split_usage
+from zeroserve.wire import Accepted, Delta, Meter, OpenAIStream, Usage, split_usage
 
 __all__ = ["ModelServer", "build"]
 
@@ -142,7 +142,7 @@ class ModelServer:
         text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
         with self._engine_work() as work:
             async for message in self.engine.stream(text, params):
-                yield decode(message)
+                yield message
         yield Meter(work.engine_s * self.spec.gpu_fraction)
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -155,7 +155,7 @@ class ModelServer:
         """
         with self._engine_work() as work:
             stream = self.engine.openai(endpoint, body)
-            first = decode(await anext(stream))
+            first = await anext(stream)
             yield first
             if isinstance(first, OpenAIStream):
                 async for chunk in coalesce(_usage_apart(stream)):
@@ -174,9 +174,10 @@ class ModelServer:
 
 
 async def _usage_apart(stream: AsyncIterator[Any]) -> AsyncIterator[str | Usage]:
-    """vLLM's SSE lines, its usage chunk read as data into a :class:`Usage` of its own."""
+    """vLLM's SSE lines (what follows its :class:`OpenAIStream`), its usage chunk read as data
+    into a :class:`Usage` of its own."""
     async for line in stream:
-        for part in split_usage(line) if isinstance(line, str) else [decode(line)]:
+        for part in split_usage(line):
             yield part
 
 

@@ -9,7 +9,7 @@ model is at zero.
 
 Serve wraps every custom policy with its bounds and delays, and a policy cannot shorten them:
 so the model's own scale-to-zero delay is ``idle_to_zero_s`` here, and Serve's
-``downscale_to_zero_delay_s`` is kept short (the time from "yield" to the replica's stop).
+``downscale_to_zero_delay_s`` is 0 (``zeroserve.config.POOL_YIELD_DELAY_S``).
 """
 
 from __future__ import annotations

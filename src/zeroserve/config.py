@@ -181,19 +181,23 @@ class ModelSpec(_Strict):
             raise ValueError("must be a hub id such as 'org/name' or a local path starting with '/' or './'")
         return value
 
+    @property
+    def never_yields(self) -> bool:
+        """Pinned, or held awake by ``min_replicas``: the pool never asks it for its slice."""
+        return self.pinned or self.autoscaling.min_replicas >= 1
+
     def ray_autoscaling(self) -> dict[str, Any]:
         """The ``autoscaling_config`` of the model's deployment: the pool's policy owns the idle
-        delay (Serve's own scale-to-zero delay, which a custom policy cannot shorten, becomes the
-        time from "yield" to the replica's stop)."""
+        delay, because Serve's own delays wrap a custom policy and it cannot shorten them."""
         cfg = self.autoscaling.to_ray()
         idle_to_zero_s = cfg["downscale_to_zero_delay_s"]
-        cfg["downscale_to_zero_delay_s"] = min(idle_to_zero_s, POOL_YIELD_DELAY_S)
+        cfg["downscale_to_zero_delay_s"] = POOL_YIELD_DELAY_S
         cfg["policy"] = {
             "policy_function": POOL_POLICY,
             "policy_kwargs": {
                 "idle_to_zero_s": idle_to_zero_s,
                 "min_hold_s": self.min_hold_s,
-                "pinned": self.pinned or self.autoscaling.min_replicas >= 1,
+                "pinned": self.never_yields,
             },
         }
         return cfg

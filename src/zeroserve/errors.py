@@ -7,6 +7,7 @@ client whether to retry: 4xx means fix the request, 429/503 come with ``Retry-Af
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "pool_busy",
     "replica_died",
     "from_validation",
+    "invalid_at",
 ]
 
 
@@ -189,24 +191,24 @@ def model_failed(name: str, reason: str, retry_after_s: float) -> ModelUnavailab
     )
 
 
+def _waited_out(
+    name: str, what: str, waited_s: float, why: str, code: str, retry_after_s: float
+) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"model '{name}' {what} within {waited_s:.0f} s{why}. Retry later.", code=code, retry_after_s=retry_after_s
+    )
+
+
 def model_not_ready(name: str, waited_s: float, state: str, retry_after_s: float) -> ModelUnavailableError:
     """A request's wait for a cold (or busy) model ran out."""
-    return ModelUnavailableError(
-        f"model '{name}' did not answer within {waited_s:.0f} s (state was {state}); it may be waking "
-        "or may not fit on the cluster's GPUs right now. Retry later.",
-        code="model_not_ready",
-        retry_after_s=retry_after_s,
-    )
+    why = f" (state was {state}); it may be waking or may not fit on the cluster's GPUs right now"
+    return _waited_out(name, "did not answer", waited_s, why, "model_not_ready", retry_after_s)
 
 
 def pool_busy(name: str, waited_s: float, retry_after_s: float) -> ModelUnavailableError:
     """A cold model waited for a GPU slice, and every model holding one stayed busy."""
-    return ModelUnavailableError(
-        f"model '{name}' could not get a GPU slice within {waited_s:.0f} s: every model holding one "
-        "was busy, pinned or just woken. Retry later.",
-        code="pool_busy",
-        retry_after_s=retry_after_s,
-    )
+    why = ": every model holding one was busy, pinned or just woken"
+    return _waited_out(name, "could not get a GPU slice", waited_s, why, "pool_busy", retry_after_s)
 
 
 def model_saturated(name: str, why: str, retry_after_s: float) -> OverloadedError:
@@ -224,7 +226,11 @@ def replica_died(name: str) -> ModelUnavailableError:
 def from_validation(err: ValidationError) -> InvalidRequestError:
     """A 400 naming the first invalid field: ``"loc: message"`` with ``param`` its top-level name."""
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    msg = first["msg"].removeprefix("Value error, ")
+    return invalid_at([str(p) for p in first["loc"]], first["msg"])
+
+
+def invalid_at(loc: Sequence[str], msg: str) -> InvalidRequestError:
+    """A 400 for the field at ``loc`` (pydantic's error location): ``"a.b: msg"``, ``param`` "a"."""
+    msg = msg.removeprefix("Value error, ")
     where = ".".join(loc)
     return InvalidRequestError(f"{where}: {msg}" if where else msg, param=loc[0] if loc else None)

@@ -425,9 +425,10 @@ def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, P
                 f"gpu_fraction {suggested:.2f} would do"
             )
         replicas = max(spec.autoscaling.min_replicas, 1)
-        held = spec.pinned or spec.autoscaling.min_replicas >= 1
         for r in range(replicas):
-            (pinned if held else others).append((f"{name}#{r}" if replicas > 1 else name, spec.gpu_fraction, need))
+            (pinned if spec.never_yields else others).append(
+                (f"{name}#{r}" if replicas > 1 else name, spec.gpu_fraction, need)
+            )
     # Pinned models are always awake: they must fit together. Every other model must fit on some
     # GPU next to them; together they may hold more than the GPUs (the pool: idle models yield).
     placement = pack(pinned + others, gpus)

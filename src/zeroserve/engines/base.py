@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroserve.protocol import GenerateParams
-from zeroserve.wire import Accepted, Delta, Meter, OpenAIJson, OpenAIStream, decode
+from zeroserve.wire import Accepted, Delta, Meter, OpenAIJson, OpenAIStream
 
 __all__ = ["Accepted", "Classification", "Delta", "Embedding", "Engine", "GenerationResult", "Meter", "collect"]
 
@@ -85,14 +85,13 @@ class Engine(abc.ABC):
 
 
 async def collect(messages: AsyncIterator[Any], n: int) -> GenerationResult:
-    """Join a generation's messages (any wire version) into whole choices."""
+    """Join a generation's messages (:class:`Accepted`, deltas, :class:`Meter`) into whole choices."""
     texts = [""] * n
     reasons = ["length"] * n
     completion = [0] * n
     prompt_tokens = 0
     gpu_s = 0.0
-    async for message in messages:
-        d = decode(message)
+    async for d in messages:
         if isinstance(d, Accepted):
             prompt_tokens = d.prompt_tokens
             continue

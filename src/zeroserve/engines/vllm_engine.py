@@ -27,6 +27,7 @@ from zeroserve.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     ZeroserveError,
+    invalid_at,
 )
 from zeroserve.locks import gpu_start_lock
 from zeroserve.memory import vllm_memory_utilization
@@ -324,10 +325,7 @@ def _invalid_from_validation(err: Any) -> InvalidRequestError:
 
     same_field = [(i, e) for i, e in enumerate(errors) if tuple(e["loc"][:1]) == tuple(field)]
     _, best = min(same_field, key=rank)
-    loc = _clean_loc(best["loc"])
-    msg = str(best["msg"]).removeprefix("Value error, ")
-    where = ".".join(loc)
-    return InvalidRequestError(_sanitize(f"{where}: {msg}" if where else msg), param=loc[0] if loc else None)
+    return invalid_at(_clean_loc(best["loc"]), _sanitize(str(best["msg"])))
 
 
 def _error_from_exception(err: Exception) -> ZeroserveError | None:

@@ -44,7 +44,7 @@ def residents(state: GatewayState, models: Mapping[str, ModelEntry]) -> list[Res
                     last_used=last_used,
                     busy=busy,
                     min_hold_s=entry.spec.min_hold_s,
-                    pinned=entry.spec.pinned or entry.spec.autoscaling.min_replicas >= 1,
+                    pinned=entry.spec.never_yields,
                 )
             )
     return out

@@ -82,21 +82,20 @@ async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio
     constructor failed its bounded number of times): without this it would wait out the
     whole cold-start bound for a model that will not come.
     """
-    # The first look for room at once: a model that fits nowhere should not wait a poll to ask.
-    with contextlib.suppress(Exception):
-        room.busy = await make_room(state, entry, await state.backend.models()) is None
+    current: ModelEntry | None = entry
+    models = None  # the first look for room is at once: a model that fits nowhere asks without a poll
     while True:
+        if current is None:
+            raise model_failed(entry.name, "it was removed from the pool", state.spec.retry_after_s)
+        if current.state is ModelState.FAILED:
+            raise model_failed(entry.name, current.message, state.spec.retry_after_s)
+        try:
+            room.busy = await make_room(state, current, models or await state.backend.models()) is None
+        except Exception as err:  # noqa: BLE001 - the wait goes on: the model may still find room
+            logger.warning("pool: could not make room for %s: %s", entry.name, err)
         done, _ = await asyncio.wait({answer}, timeout=FAILURE_POLL_S)
         if not done:
             models = await state.backend.models(max_age_s=FAILURE_POLL_S)
             current = models.get(entry.name)
         if done or answer.done():  # an answer that came during the look is kept
             return answer.result()
-        if current is None:
-            raise model_failed(entry.name, "it was removed from the pool", state.spec.retry_after_s)
-        if current.state is ModelState.FAILED:
-            raise model_failed(entry.name, current.message, state.spec.retry_after_s)
-        try:
-            room.busy = await make_room(state, current, models) is None
-        except Exception as err:  # noqa: BLE001 - the wait goes on: the model may still find room
-            logger.warning("pool: could not make room for %s: %s", entry.name, err)

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from zeroserve.errors import ModelUnavailableError
 from zeroserve.gateway.body import validate
@@ -16,23 +15,10 @@ from zeroserve.gateway.registry import ModelState
 from zeroserve.gateway.serving.base import Resolved, Serving, check_caps
 from zeroserve.gateway.sse import Result, keepalive, waking_comment
 from zeroserve.gateway.waits import bounded
-from zeroserve.protocol import (
-    PassthroughChatRequest,
-    PassthroughClassifyRequest,
-    PassthroughCompletionRequest,
-    PassthroughEmbeddingRequest,
-)
+from zeroserve.protocol import PASSTHROUGH_REQUESTS, PassthroughChatRequest, PassthroughCompletionRequest
 from zeroserve.wire import Meter, OpenAIJson, OpenAIStream, Usage, decode, split_usage
 
 __all__ = ["PassthroughServing"]
-
-# The request model of each endpoint an engine's OpenAI layer serves, and whether it generates.
-_REQUESTS: dict[str, tuple[type[BaseModel], bool]] = {
-    "chat/completions": (PassthroughChatRequest, True),
-    "completions": (PassthroughCompletionRequest, True),
-    "embeddings": (PassthroughEmbeddingRequest, False),
-    "classify": (PassthroughClassifyRequest, False),
-}
 
 
 class PassthroughServing(Serving):
@@ -46,8 +32,8 @@ class PassthroughServing(Serving):
             endpoint: the OpenAI path under /v1 ("chat/completions", "embeddings", ...).
         """
         entry, head, body = resolved.entry, resolved.head, resolved.data
-        model_cls, generates = _REQUESTS[endpoint]
-        req: Any = validate(body, model_cls)
+        req: Any = validate(body, PASSTHROUGH_REQUESTS[endpoint])
+        generates = isinstance(req, PassthroughChatRequest | PassthroughCompletionRequest)
         max_tokens = req.requested_max_tokens() if generates else None
         if generates:
             check_caps(max_tokens, req.n, entry)
