@@ -52,7 +52,7 @@ def main() -> None:
         "upscale_delay_s": 0,
     }
     with cluster() as (c, port):
-        deploy(c, demo_config(port, fast), port)
+        deploy(c, demo_config(port, fast, only=tuple(REQUESTS)), port)
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
         http = httpx.Client(timeout=300)
         for _ in range(args.rounds):

@@ -35,7 +35,7 @@ def main() -> None:
     from zeroserve.engines import create_engine
 
     with cluster() as (c, port):
-        deploy(c, demo_config(port, {"min_replicas": 1, "initial_replicas": 1}), port)
+        deploy(c, demo_config(port, {"min_replicas": 1, "initial_replicas": 1}, only=(MODEL,)), port)
         url = f"http://127.0.0.1:{port}/v1/embeddings"
         http = httpx.Client(timeout=120)
         body = {"model": MODEL, "input": TEXT, "encoding_format": "float"}

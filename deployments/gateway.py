@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import GatewayMetrics
-from deployments.pool_policy import NAMESPACE, evict_key, yield_value
+from deployments.pool_policy import NAMESPACE, evict_key, yield_for, yield_time, yield_value
 from zeroserve.config import GatewaySpec, parse_gateway_spec
 from zeroserve.engines import Classification, Embedding
 from zeroserve.errors import ModelUnavailableError, ZeroserveError, model_failed, model_saturated, replica_died
@@ -83,16 +83,21 @@ def _request_yield(model: str, victims: list[str]) -> list[str]:
     return asked
 
 
-def _yielding() -> set[str]:
-    """The models the pool asked to yield and that have not yet (their GCS keys)."""
+def _yielding() -> dict[str, tuple[str, float]]:
+    """The models the pool asked to yield and that have not yet (their GCS keys), each with the
+    model it yields to and when it was asked."""
     from ray.experimental import internal_kv
 
+    out: dict[str, tuple[str, float]] = {}
     try:
-        keys = internal_kv._internal_kv_list(b"evict:", namespace=NAMESPACE)
+        for key in internal_kv._internal_kv_list(b"evict:", namespace=NAMESPACE):
+            value = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+            if value is not None:
+                name = key.decode(errors="replace").removeprefix("evict:")
+                out[name] = (yield_for(value) or "?", yield_time(value) or 0.0)
     except Exception as err:  # noqa: BLE001 - shown as not evicting until the next read
-        logger.debug("pool: could not list the yield keys: %s", err)
-        return set()
-    return {key.decode(errors="replace").removeprefix("evict:") for key in keys}
+        logger.debug("pool: could not read the yield keys: %s", err)
+    return out
 
 
 class ServeBackend:
@@ -162,7 +167,10 @@ class ServeBackend:
         details = await loop.run_in_executor(self._reader, client.get_serve_details)
         yielding = await loop.run_in_executor(self._reader, _yielding)
         entries = entries_from_details(details)
-        self._entries = {n: dataclasses.replace(e, evicting=True) if n in yielding else e for n, e in entries.items()}
+        self._entries = {
+            n: dataclasses.replace(e, yielding_to=yielding[n][0], yield_asked_at=yielding[n][1]) if n in yielding else e
+            for n, e in entries.items()
+        }
         self._fetched_at = time.monotonic()
         for gone in set(self._handles) - set(self._entries):
             self._handles.pop(gone, None)

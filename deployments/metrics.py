@@ -56,8 +56,21 @@ class GatewayMetrics:
         )
         self._evictions = Counter(
             "zeroserve_evictions_total",
-            "Models asked to yield their GPU slice to a model that could not be placed.",
-            tag_keys=("model", "for_model"),
+            "Models asked to yield their GPU slice, by model, the model it yields to, and why: "
+            "waiting_request (a request waits to wake a model that fits nowhere) or pending_replica "
+            "(a woken model's replica that Ray cannot place).",
+            tag_keys=("model", "for_model", "reason"),
+        )
+        self._rewakes = Counter(
+            "zeroserve_pool_rewakes_total",
+            "Wakes of a model within a minute of its eviction (the pool thrashing).",
+            tag_keys=("model",),
+        )
+        self._slot_wait = Histogram(
+            "zeroserve_pool_slot_wait_seconds",
+            "Time a request to a cold model waited for a GPU slice before its wake began.",
+            boundaries=LATENCY_BUCKETS,
+            tag_keys=("model",),
         )
         self._cold_start_seconds = Histogram(
             "zeroserve_cold_start_duration_seconds",
@@ -101,8 +114,14 @@ class GatewayMetrics:
         self._cold_starts.inc(1, {"model": model})
         self._cold_start_seconds.observe(seconds, {"model": model})
 
-    def eviction(self, victim: str, for_model: str) -> None:
-        self._evictions.inc(1, {"model": victim, "for_model": for_model})
+    def eviction(self, victim: str, for_model: str, reason: str) -> None:
+        self._evictions.inc(1, {"model": victim, "for_model": for_model, "reason": reason})
+
+    def slot_wait(self, model: str, seconds: float) -> None:
+        self._slot_wait.observe(seconds, {"model": model})
+
+    def rewake(self, model: str) -> None:
+        self._rewakes.inc(1, {"model": model})
 
     def pool(self, allocated: dict[str, float], capacity: dict[str, float]) -> None:
         for node in set(allocated) | set(capacity):

@@ -20,7 +20,7 @@ from typing import Any
 
 from zeroserve.pool import ScaleInput, desired_replicas
 
-__all__ = ["NAMESPACE", "YIELD_TTL_S", "PoolPolicy", "evict_key", "yield_time", "yield_value"]
+__all__ = ["NAMESPACE", "YIELD_TTL_S", "PoolPolicy", "evict_key", "yield_for", "yield_time", "yield_value"]
 
 logger = logging.getLogger("zeroserve.pool")
 
@@ -40,6 +40,12 @@ def evict_key(app: str) -> bytes:
 def yield_value(for_model: str, at: float) -> bytes:
     """The value of a yield key: when it was asked, and for which model."""
     return f"{at:.3f} {for_model}".encode()
+
+
+def yield_for(value: bytes) -> str:
+    """The model a yield key's value asks for ("" when unreadable)."""
+    parts = value.split(b" ", 1)
+    return parts[1].decode(errors="replace") if len(parts) == 2 else ""
 
 
 def yield_time(value: bytes) -> float | None:

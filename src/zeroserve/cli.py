@@ -202,11 +202,12 @@ def _status_table(data: dict[str, Any]) -> Any:
         models.add_column(col)
     colors = {"ready": "green", "starting": "yellow", "cold": "blue", "failed": "red"}
     for m in data["models"]:
+        evicting = f" (evicting for {m.get('yielding_to') or '?'})" if m.get("evicting") else ""
         models.add_row(
             m["id"],
             str(m["task"]),
             str(m["engine"]),
-            f"[{colors.get(m['state'], 'white')}]{m['state']}[/]" + (" (evicting)" if m.get("evicting") else ""),
+            f"[{colors.get(m['state'], 'white')}]{m['state']}[/]{evicting}",
             f"{m['replicas']}/{m['target_replicas']}",
             f"{m['gpu_fraction']}",
             ", ".join(n[:8] for n in m["nodes"]) or "-",

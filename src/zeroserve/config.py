@@ -280,6 +280,11 @@ class GatewaySpec(_Strict):
         default=5.0, gt=0, description="SSE comment interval while a streamed request waits for a cold model."
     )
     metrics: bool = Field(default=True, description="Export Prometheus metrics through Ray's pipeline.")
+    evict_idle_models: bool = Field(
+        default=True,
+        description="When a cold model fits on no GPU, ask idle models to yield their slices at once "
+        "(the pool). False: the request waits until a model scales to zero after its own idle delay.",
+    )
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
 

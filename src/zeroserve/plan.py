@@ -444,7 +444,7 @@ def plan(models: dict[str, ModelSpec], gpus: Sequence[GPU], folders: dict[str, P
         awake = len(pinned) + len(others) - len(placement.unplaced)
         names = ", ".join(n for n, _, _ in pinned) or "none"
         warnings.append(
-            f"{len(pinned) + len(others)} models, at most about {awake} awake at once: the others wake when "
-            f"an idle model yields its slice (pinned: {names})"
+            f"{len(pinned) + len(others)} models, {awake} slices: at most {awake} awake at once; "
+            f"pinned: {names} (the others wake when an idle model yields its slice)"
         )
     return PlanResult(estimates, placement, errors, warnings, largest)

@@ -21,7 +21,17 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["EPSILON", "Resident", "ScaleInput", "choose_victims", "desired_replicas", "is_idle"]
+__all__ = [
+    "EPSILON",
+    "Resident",
+    "RoomPlan",
+    "ScaleInput",
+    "Waiter",
+    "choose_victims",
+    "desired_replicas",
+    "is_idle",
+    "plan_room",
+]
 
 # Fractions are floats (0.25 + 0.25 + 0.5 == 1.0 must fit): compare with this slack.
 EPSILON = 1e-9
@@ -126,6 +136,82 @@ def _fewest(ordered: list[Resident], needed: float) -> list[Resident] | None:
         if fitting:
             return min(fitting, key=lambda combo: sorted(_order(r) for r in combo))
     return None
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A request waiting to wake a cold model.
+
+    Args:
+        model: the cold model.
+        fraction: its GPU fraction.
+        priority: the request's priority (its key's tier; higher goes first).
+        arrival: when it began to wait (the caller's clock).
+        coming: GPUs already being freed for this model (its victims, asked earlier, still leaving).
+    """
+
+    model: str
+    fraction: float
+    priority: int = 0
+    arrival: float = 0.0
+    coming: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """What to do for the waiting models, in their order.
+
+    Args:
+        go: the models that fit now, each with the node it fits on: call them (they wake).
+        asks: the victims to ask, per waiting model that does not fit.
+        blocked: the waiting models that fit nowhere and for which nothing can yield now.
+    """
+
+    go: dict[str, str]
+    asks: dict[str, list[Resident]]
+    blocked: list[str]
+
+
+def plan_room(
+    waiters: Iterable[Waiter], free: Mapping[str, float], residents: Iterable[Resident], now: float
+) -> RoomPlan:
+    """Hand out free GPUs and idle residents to the waiting models, best first.
+
+    The order is the waiting requests' priority (highest first), then arrival; a model waited
+    for by several requests takes the place of its best. Each model in turn takes a node it fits
+    on, or the victims that make it fit (:func:`choose_victims`) among those not yet given to a
+    model before it. A model whose victims are already leaving (``coming``) asks for no more
+    while they free enough. Room that a model before could not use goes to the next (a big model
+    that fits nowhere does not stop a small one that fits), but never room that is not free yet.
+    """
+    best: dict[str, Waiter] = {}
+    for w in sorted(waiters, key=lambda w: (-w.priority, w.arrival, w.model)):
+        best.setdefault(w.model, w)
+    room = dict(free)
+    pool = [r for r in residents if r.model not in best]
+    go: dict[str, str] = {}
+    asks: dict[str, list[Resident]] = {}
+    blocked: list[str] = []
+    for w in best.values():
+        fits = [n for n in room if room[n] + EPSILON >= w.fraction]
+        if fits:
+            node = min(fits, key=lambda n: (room[n], n))  # the tightest fit keeps big holes whole
+            room[node] -= w.fraction
+            go[w.model] = node
+            continue
+        if w.coming + EPSILON >= w.fraction:
+            continue  # its room is on the way
+        victims = choose_victims(w.fraction, room, pool, now)
+        if not victims:
+            blocked.append(w.model)
+            continue
+        asks[w.model] = victims
+        # What is free on the victims' node now is part of this model's room; what the victims
+        # free beyond it is not handed on before it is free (a model called on it now would wait
+        # in Ray's queue and could be placed first).
+        room[victims[0].node] = 0.0
+        pool = [r for r in pool if r not in victims]
+    return RoomPlan(go, asks, blocked)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def _cos(a: list[float], b: list[float]) -> float:
 def test_listing_models_wakes_none(demo: Pool) -> None:
     wait_for(lambda: all(s == "cold" for s in _states(demo).values()), 60, "all models cold")
     models = demo.openai().models.list()
-    assert {m.id for m in models.data} == {EMB, GEN, CLS, VLLM}
+    assert {m.id for m in models.data} == {EMB, GEN, CLS, VLLM, "tiny-sentiment-2"}
     for _ in range(5):
         demo.openai().models.list()
         httpx.get(f"{demo.base_url}/v1/models/{GEN}", timeout=10)

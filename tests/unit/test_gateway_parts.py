@@ -5,8 +5,11 @@ messages of replicas of this version and the previous one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import pickle
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +402,70 @@ async def test_a_cold_model_that_finds_no_room_in_its_bound_is_a_pool_busy_503()
         await bounded(state, backend.entries["late"], never)
     assert err.value.code == "pool_busy" and err.value.retry_after_s == 4
     assert "late" in err.value.message and backend.yields == []
+
+
+async def test_cold_models_wait_for_room_uncalled_and_wake_in_tier_then_arrival_order() -> None:
+    """One idle model on a full GPU, two cold models waiting: the better request's model gets the
+    victim and is called once the slice is free; the other is not called meanwhile."""
+    from zeroserve.config import ModelSpec
+    from zeroserve.gateway import ModelEntry, ModelState
+    from zeroserve.gateway.waits import bounded
+
+    backend = _full_pool()
+    backend.entries["later"] = ModelEntry("later", ModelSpec(task="embed", model="./later"), ModelState.COLD)
+    state = GatewayState.create(GatewaySpec(cold_start_timeout_s=30), backend)
+    for name in "abcd":
+        state.admission.acquire(name)  # every resident is busy: nothing can yield yet
+    state.stats.models["a"].last_request = time.time() - 600
+
+    def call(name: str, priority: int) -> asyncio.Task[Any]:
+        entry = backend.entries[name]
+        return asyncio.ensure_future(bounded(state, entry, backend.embed(entry, ["x"], None), priority))
+
+    async def request_yield(model: str, victims: Sequence[str]) -> list[str]:
+        # As the GCS keys do: the directory lists each victim as yielding to ``model``.
+        backend.yields.append((model, list(victims)))
+        for v in victims:
+            backend.entries[v] = dataclasses.replace(backend.entries[v], yielding_to=model, yield_asked_at=time.time())
+        return list(victims)
+
+    backend.request_yield = request_yield  # type: ignore[method-assign]
+    low = call("late", 0)  # first to arrive, lowest tier
+    await asyncio.sleep(0.1)
+    high = call("later", 2)
+    await asyncio.sleep(0.6)
+    assert backend.yields == [] and backend.calls == []
+    state.admission.release("a")  # "a" goes idle: its slice goes to the better request
+    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.6)
+    assert backend.yields == [("later", ["a"])]  # once: its victim is on the way, nothing more is asked
+    assert backend.calls == []  # neither is called while its slice is not free
+    # "a" yields: its slice is free, and "later" wakes into it.
+    a = backend.entries["a"]
+    backend.entries["a"] = dataclasses.replace(a, state=ModelState.COLD, replicas=0, replica_nodes=(), yielding_to="")
+    await asyncio.sleep(0.6)
+    assert backend.calls == [("embed", "later")]
+    backend.entries["later"] = dataclasses.replace(backend.entries["later"], state=ModelState.STARTING)
+    assert (await asyncio.wait_for(high, 5))[0].vector
+    assert not low.done() and ("embed", "late") not in backend.calls
+    low.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await low
+
+
+async def test_a_wake_soon_after_an_eviction_is_counted_as_a_rewake() -> None:
+    from zeroserve.gateway import ModelState
+    from zeroserve.gateway.room import REWAKE_WINDOW_S, RoomLook
+
+    backend = _full_pool()
+    seen: list[str] = []
+    state = GatewayState.create(GatewaySpec(), backend)
+    state.obs = type("Obs", (), {"rewake": lambda self, m: seen.append(m), "slot_wait": lambda self, m, s: None})()
+    state.room._evicted["a"] = time.time() - 5
+    state.room._evicted["b"] = time.time() - REWAKE_WINDOW_S - 1
+    for name in "ab":
+        cold = dataclasses.replace(backend.entries[name], state=ModelState.COLD, replica_nodes=())
+        backend.entries[name] = cold
+    for name in "ab":
+        await state.room.enter(state, backend.entries[name], 0, RoomLook())
+    assert seen == ["a"]

@@ -126,7 +126,7 @@ _GENERATED_ID = re.compile(r"\b(chatcmpl|cmpl|classify)-[0-9a-f]{32}\b")
 _CREATED = re.compile(r'("created":\s?)\d{9,}')
 # Wall-clock and latency figures of /v1/zeroserve/status.
 _TIMING_FIELD = re.compile(
-    r'("(?:time|last_request|p50_latency_s|cold_start_p50_s)":\s?)-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?'
+    r'("(?:time|last_request|last_used|p50_latency_s|cold_start_p50_s)":\s?)-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?'
 )
 _DAY_FIELD = re.compile(r'("day":\s?)"\d{4}-\d{2}-\d{2}"')
 # The quota's reset time (next midnight UTC), in /v1/usage and in a 429's message.

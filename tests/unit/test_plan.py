@@ -106,7 +106,7 @@ def test_plan_accepts_more_models_than_slices_and_says_so() -> None:
     tiny = ModelSpec(task="embed", model="org/e", weights_gb=0.1, gpu_fraction=0.5)
     result = plan({"a": tiny, "b": tiny, "c": tiny}, parse_gpus("1xA100-80GB"))
     assert result.ok, result.errors
-    assert any(w.startswith("3 models, at most about 2 awake at once") for w in result.warnings)
+    assert any(w.startswith("3 models, 2 slices: at most 2 awake at once; pinned: ") for w in result.warnings)
     assert any("gpu_fraction 0.05 would do" in w for w in result.warnings)
 
 

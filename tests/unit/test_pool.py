@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeroserve.pool import EPSILON, Resident, choose_victims, is_idle
+from zeroserve.pool import EPSILON, Resident, Waiter, choose_victims, is_idle, plan_room
 
 NOW = 1000.0
 FRACTIONS = st.sampled_from([0.125, 0.25, 0.5, 1.0])
@@ -144,3 +144,74 @@ def test_a_model_asked_to_yield_goes_at_once_when_idle_and_held_long_enough() ->
     assert _scale(evict=True, idle_s=9.0) == 1.0  # min_hold_s: just woken, serves its caller first
     assert _scale(evict=True, idle_s=60.0, requests=0.5) == 1.0  # work in the look-back window: never
     assert _scale(evict=True, idle_s=60.0, pinned=True) == 1.0
+
+
+@st.composite
+def queues(draw: st.DrawFn) -> tuple[list[Waiter], dict[str, float], list[Resident]]:
+    """Cold models waiting (with their requests' priorities and arrivals) over a random pool."""
+    _, free, residents = draw(pools())
+    waiters = [
+        Waiter(
+            model=f"w{i}",
+            fraction=draw(FRACTIONS),
+            priority=draw(st.integers(0, 2)),
+            arrival=float(draw(st.integers(0, 100))),
+            coming=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        )
+        for i in range(draw(st.integers(1, 5)))
+    ]
+    return waiters, free, residents
+
+
+@settings(max_examples=400, deadline=None)
+@given(queues())
+def test_room_is_handed_out_once_and_only_what_fits(
+    case: tuple[list[Waiter], dict[str, float], list[Resident]],
+) -> None:
+    waiters, free, residents = case
+    plan = plan_room(waiters, free, residents, NOW)
+    by_model = {w.model: w for w in waiters}
+    # What goes fits in what is free now, all of them together on their nodes.
+    for node in NODES:
+        taken = sum(by_model[m].fraction for m, n in plan.go.items() if n == node)
+        assert taken <= free[node] + EPSILON
+    # No victim is given to two models, and each model's victims are idle and free enough.
+    asked = [v for victims in plan.asks.values() for v in victims]
+    assert len(asked) == len(set(asked))
+    for model, victims in plan.asks.items():
+        assert victims and all(is_idle(v, NOW) for v in victims)
+        assert len({v.node for v in victims}) == 1
+        assert sum(v.fraction for v in victims) + free[victims[0].node] + EPSILON >= by_model[model].fraction
+        assert by_model[model].coming + EPSILON < by_model[model].fraction
+    # Each model is in at most one of go, asks, blocked.
+    assert not set(plan.go) & set(plan.asks) and not set(plan.go) & set(plan.blocked)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), min_size=2, max_size=6))
+def test_one_slot_goes_to_the_highest_tier_then_the_first_to_arrive(keys: list[tuple[int, int]]) -> None:
+    """A full GPU with one idle model: of the cold models waiting, only the best placed request's
+    model may ask it to yield; the others wait."""
+    residents = [Resident("idle", "a", 0.25, last_used=NOW - 600)] + [
+        Resident(f"busy{i}", "a", 0.25, busy=1) for i in range(3)
+    ]
+    waiters = [Waiter(f"w{i}", 0.25, priority=p, arrival=float(t)) for i, (p, t) in enumerate(keys)]
+    plan = plan_room(waiters, {"a": 0.0}, residents, NOW)
+    best = min(waiters, key=lambda w: (-w.priority, w.arrival, w.model))
+    assert list(plan.asks) == [best.model] and plan.asks[best.model][0].model == "idle"
+    assert not plan.go
+    assert sorted(plan.blocked) == sorted(w.model for w in waiters if w is not best)
+
+
+def test_a_free_slot_goes_to_the_better_request_and_a_model_with_room_on_its_way_asks_no_more() -> None:
+    free = {"a": 0.25}
+    residents = [Resident("idle", "a", 0.25, last_used=NOW - 600)]
+    low, high = Waiter("low", 0.25, priority=0, arrival=1.0), Waiter("high", 0.25, priority=2, arrival=5.0)
+    plan = plan_room([low, high], free, residents, NOW)
+    assert plan.go == {"high": "a"} and plan.asks == {"low": residents}
+    # Victims already leaving for "low" cover it: nobody else is asked for it.
+    plan = plan_room([Waiter("low", 0.25, coming=0.25)], {"a": 0.0}, residents, NOW)
+    assert plan.go == {} and plan.asks == {} and plan.blocked == []
+    # A model waited for by several requests takes the place of its best one, once.
+    plan = plan_room([low, Waiter("low", 0.25, priority=5, arrival=9.0), high], free, residents, NOW)
+    assert plan.go == {"low": "a"} and plan.asks == {"high": residents}

@@ -42,6 +42,9 @@ class RequestLog:
     prompt_tokens: int | None = None
     completion_tokens: int = 0
     gpu_s: float | None = None
+    # How the request's model woke for it (RoomQueue.enter): "" (it was awake), "free", "evicted",
+    # "joined" or "queued".
+    wake: str = ""
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens, self.completion_tokens = prompt, completion
@@ -49,7 +52,8 @@ class RequestLog:
     def line(self, method: str | None, path: str | None, status: int, seconds: float) -> tuple[Any, ...]:
         tokens = "-" if self.prompt_tokens is None else f"{self.prompt_tokens}+{self.completion_tokens}"
         gpu_s = "-" if self.gpu_s is None else f"{self.gpu_s:.6f}"
-        return (self.request_id, method, path, self.model, self.tier, status, seconds * 1000, tokens, gpu_s)
+        wake = self.wake or "-"
+        return (self.request_id, method, path, self.model, self.tier, status, seconds * 1000, tokens, gpu_s, wake)
 
 
 def request_log(request: Request) -> RequestLog:
@@ -93,8 +97,12 @@ class RequestIdMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                headers = [*message.get("headers", [])]
                 if self.echo:
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                    headers.append((b"x-request-id", request_id.encode()))
+                if log.wake:
+                    headers.append((b"x-zeroserve-wake", log.wake.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -107,6 +115,6 @@ class RequestIdMiddleware:
             seconds = time.perf_counter() - start
             self.observer.request(log.model, log.route, status, seconds)
             logger.info(
-                "[%s] %s %s model=%s tier=%s -> %d in %.1f ms tokens=%s gpu_s=%s",
+                "[%s] %s %s model=%s tier=%s -> %d in %.1f ms tokens=%s gpu_s=%s wake=%s",
                 *log.line(scope.get("method"), scope.get("path"), status, seconds),
             )

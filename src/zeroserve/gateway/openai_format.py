@@ -27,8 +27,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def model_card(entry: ModelEntry) -> dict[str, Any]:
-    """A model as ``/v1/models`` lists it, with zeroserve's state and limits."""
+def model_card(entry: ModelEntry, last_used: float | None = None) -> dict[str, Any]:
+    """A model as ``/v1/models`` lists it, with zeroserve's state and limits (``last_used``: when
+    this gateway replica last sent it a request, Unix seconds)."""
     s = entry.spec
     return {
         "id": entry.name,
@@ -40,6 +41,8 @@ def model_card(entry: ModelEntry) -> dict[str, Any]:
             "engine": s.engine if s else None,
             "state": entry.state.value,
             "evicting": entry.evicting,
+            "yielding_to": entry.yielding_to or None,
+            "last_used": last_used,
             "replicas": entry.replicas,
             "target_replicas": entry.target_replicas,
             "gpu_fraction": s.gpu_fraction if s else None,

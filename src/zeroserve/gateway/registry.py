@@ -40,7 +40,16 @@ class ModelEntry:
     replica_nodes: tuple[str, ...] = ()  # one entry per running replica
     message: str = ""
     deployment: str = ""
-    evicting: bool = False  # the pool asked it to yield its slice; it goes once idle
+    # The model the pool asked this one to yield its slice to ("" when not asked); it goes once idle.
+    yielding_to: str = ""
+    yield_asked_at: float = 0.0  # when it was asked (wall clock)
+    # One entry per replica placed on a node and still starting: it holds its GPU slice already.
+    starting_nodes: tuple[str, ...] = ()
+
+    @property
+    def evicting(self) -> bool:
+        """The pool asked it to yield its slice and it has not yet."""
+        return bool(self.yielding_to)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -100,6 +109,7 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
         if dep is not None and not message:
             message = dep.get("message") or ""
         replicas = [r for r in (dep or {}).get("replicas", []) if r.get("state") == "RUNNING"]
+        starting = [r for r in (dep or {}).get("replicas", []) if r.get("state") == "STARTING" and r.get("node_id")]
         out[name] = ModelEntry(
             name=name,
             spec=spec,
@@ -107,6 +117,7 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
             replicas=len(replicas),
             target_replicas=int((dep or {}).get("target_num_replicas", 0)),
             replica_nodes=tuple(str(r.get("node_id", "")) for r in replicas),
+            starting_nodes=tuple(str(r["node_id"]) for r in starting),
             message=message,
             deployment=dep_name,
         )
@@ -114,9 +125,9 @@ def entries_from_details(details: Mapping[str, Any]) -> dict[str, ModelEntry]:
 
 
 def gpus_in_use(entries: Mapping[str, ModelEntry]) -> dict[str, float]:
-    """GPUs held per node: each running replica holds its model's fraction."""
+    """GPUs held per node: each running or placed starting replica holds its model's fraction."""
     used: dict[str, float] = {}
     for entry in entries.values():
-        for node in entry.replica_nodes:
+        for node in (*entry.replica_nodes, *entry.starting_nodes):
             used[node] = used.get(node, 0.0) + (entry.spec.gpu_fraction if entry.spec else 0.0)
     return used

@@ -12,6 +12,7 @@ from zeroserve.config import GatewaySpec
 from zeroserve.gateway.backend import Backend
 from zeroserve.gateway.fair import Dispatcher, FairShare
 from zeroserve.gateway.lease import Admission
+from zeroserve.gateway.room import RoomQueue
 from zeroserve.gateway.telemetry import FanOut, Observer, RollingStats, WakeTracker
 from zeroserve.quota import Ledger
 
@@ -33,6 +34,8 @@ class GatewayState:
     stats: RollingStats
     obs: Any  # an Observer: RollingStats alone, or fanned out to the app's observer too
     wakes: WakeTracker
+    # Requests waiting for a GPU slice for a cold model, in tier then arrival order.
+    room: RoomQueue = field(default_factory=RoomQueue)
     # Work that must finish after its request is answered (a charge at a stream's close).
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     _capacity: tuple[float, dict[str, float]] = (-1e9, {})

@@ -31,7 +31,11 @@ class Observer(Protocol):
 
     def cold_start(self, model: str, seconds: float) -> None: ...
 
-    def eviction(self, victim: str, for_model: str) -> None: ...
+    def eviction(self, victim: str, for_model: str, reason: str) -> None: ...
+
+    def slot_wait(self, model: str, seconds: float) -> None: ...
+
+    def rewake(self, model: str) -> None: ...
 
 
 class NullObserver:
@@ -53,7 +57,13 @@ class NullObserver:
     def cold_start(self, model: str, seconds: float) -> None:
         pass
 
-    def eviction(self, victim: str, for_model: str) -> None:
+    def eviction(self, victim: str, for_model: str, reason: str) -> None:
+        pass
+
+    def slot_wait(self, model: str, seconds: float) -> None:
+        pass
+
+    def rewake(self, model: str) -> None:
         pass
 
 

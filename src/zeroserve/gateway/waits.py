@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeroserve.errors import model_failed, model_not_ready, pool_busy
 from zeroserve.gateway.registry import ModelEntry, ModelState
-from zeroserve.gateway.room import make_room
+from zeroserve.gateway.room import RoomLook, make_room
 
 if TYPE_CHECKING:
+    from zeroserve.gateway.middleware import RequestLog
     from zeroserve.gateway.state import GatewayState
 
 __all__ = ["FAILURE_POLL_S", "bounded"]
@@ -30,11 +30,19 @@ FAILURE_POLL_S = 1.0
 _T = TypeVar("_T")
 
 
-async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T]) -> _T:
+async def bounded(
+    state: GatewayState, entry: ModelEntry, answer: Awaitable[_T], priority: int = 0, log: RequestLog | None = None
+) -> _T:
     """Await ``answer`` from ``entry`` within the bound its state calls for.
 
+    A cold model's call waits first for a GPU slice (:class:`~zeroserve.gateway.room.RoomQueue`,
+    in the order of ``priority``, the request's tier, then arrival), then for the wake; one bound
+    covers both. ``answer`` must not have started (a coroutine, or ``anext`` of a generator): it is
+    not called until the model may wake. ``log.wake`` says how it woke (``X-Zeroserve-Wake``).
+
     Raises:
-        ModelUnavailableError: the bound ran out (``model_not_ready``) or the model failed.
+        ModelUnavailableError: the bound ran out (``model_not_ready``, or ``pool_busy`` when no
+            model could yield) or the model failed.
     """
     assert entry.spec is not None
     if entry.state is ModelState.READY:
@@ -46,10 +54,19 @@ async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T])
             ) from None
     budget = entry.spec.cold_start_timeout_s or state.spec.cold_start_timeout_s
     state.wakes.begin(entry.name)
-    task = asyncio.ensure_future(answer)  # started here, so it is cancelled here on any exit
-    room = _Room()
+    room = RoomLook()
+    task: asyncio.Future[_T] | None = None
+
+    async def wake() -> _T:
+        nonlocal task
+        how = await state.room.enter(state, entry, priority, room)
+        if log is not None:
+            log.wake = how
+        task = asyncio.ensure_future(answer)  # started here, so it is cancelled here on any exit
+        return await _unless_failed(state, entry, task, room)  # type: ignore[no-any-return]
+
     try:
-        result = await asyncio.wait_for(_unless_failed(state, entry, task, room), budget)
+        result = await asyncio.wait_for(wake(), budget)
     except BaseException as err:
         state.wakes.abandon(entry.name)
         if isinstance(err, TimeoutError):
@@ -58,7 +75,9 @@ async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T])
             raise model_not_ready(entry.name, budget, entry.state.value, state.spec.retry_after_s) from None
         raise
     finally:
-        if not task.done():
+        if task is None:
+            _close(answer)  # never started: no "coroutine was never awaited"
+        elif not task.done():
             task.cancel()  # its clean-up (the handle call's cancel) runs before the error goes out
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -67,15 +86,14 @@ async def bounded(state: GatewayState, entry: ModelEntry, answer: Awaitable[_T])
     return result
 
 
-@dataclass
-class _Room:
-    """What the last look for room found: ``busy`` when the model fit on no GPU and no model
-    there could yield (all busy, pinned or just woken)."""
+def _close(answer: Awaitable[Any]) -> None:
+    close = getattr(answer, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
-    busy: bool = False
 
-
-async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio.Future[Any], room: _Room) -> Any:
+async def _unless_failed(state: GatewayState, entry: ModelEntry, answer: asyncio.Future[Any], room: RoomLook) -> Any:
     """Await a waking model's answer, but give up as soon as Serve says the model failed.
 
     A request waiting for a replica is not told when Serve gives up starting one (its

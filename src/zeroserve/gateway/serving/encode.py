@@ -51,7 +51,7 @@ class EncodeServing(Serving):
             else backend.classify(entry, req.texts())
         )
         try:
-            result: Sequence[Any] = await bounded(self.state, entry, call)
+            result: Sequence[Any] = await bounded(self.state, entry, call, lease.grant.priority, lease.log)
         finally:
             lease.release()
         tokens = sum(r.num_tokens for r in result)

@@ -56,7 +56,7 @@ class GenerateServing(Serving):
         firsts: list[Accepted] | None = None
         if not (req.stream and entry.state is not ModelState.READY):
             try:
-                firsts = list(await asyncio.gather(*(self._accepted(entry, s) for s in streams)))
+                firsts = list(await asyncio.gather(*(self._accepted(lease, s) for s in streams)))
             except BaseException:
                 lease.release()
                 raise
@@ -66,10 +66,11 @@ class GenerateServing(Serving):
         source = _Source(self, lease, completion, streams, params.n, req.include_usage, firsts)
         return self.stream_response(lease, source)
 
-    async def _accepted(self, entry: ModelEntry, stream: AsyncIterator[Any]) -> Accepted:
+    async def _accepted(self, lease: Lease, stream: AsyncIterator[Any]) -> Accepted:
         """Wait (bounded) until the model accepted the prompt: its errors are still HTTP errors."""
+        entry = lease.entry
         try:
-            first = await bounded(self.state, entry, anext(stream))
+            first = await bounded(self.state, entry, anext(stream), lease.grant.priority, lease.log)
         except StopAsyncIteration:
             raise ModelUnavailableError(
                 f"model '{entry.name}' ended the stream without output", retry_after_s=1
@@ -120,7 +121,7 @@ class _Source:
     async def prologue(self) -> AsyncIterator[str]:
         if self.firsts is None:  # the model wakes: headers are out, comments keep the line open
             entry = self.lease.entry
-            gathered = asyncio.gather(*(self.serving._accepted(entry, s) for s in self.streams))
+            gathered = asyncio.gather(*(self.serving._accepted(self.lease, s) for s in self.streams))
             async for item in keepalive(gathered, self.serving.state.spec.keepalive_s, waking_comment(entry.name)):
                 if isinstance(item, Result):
                     self.firsts = list(item.value)

@@ -75,7 +75,7 @@ class PassthroughServing(Serving):
     async def _opening(self, lease: Lease, stream: AsyncIterator[Any]) -> OpenAIJson | OpenAIStream:
         """The engine's first message (bounded: it includes a wake): a whole answer, or the stream's start."""
         try:
-            first = decode(await bounded(self.state, lease.entry, anext(stream)))
+            first = decode(await bounded(self.state, lease.entry, anext(stream), lease.grant.priority, lease.log))
         except StopAsyncIteration:
             raise ModelUnavailableError(f"model '{lease.entry.name}' returned nothing", retry_after_s=1) from None
         if not isinstance(first, OpenAIJson | OpenAIStream):

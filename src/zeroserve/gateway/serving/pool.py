@@ -57,7 +57,9 @@ class PoolServing(Serving):
         for name, entry in sorted(models.items()):
             # In flight and waiting in this gateway replica (one of possibly several).
             load = {"in_flight": admission.per_model[name], "queued": len(dispatcher.waiting.get(name, []))}
-            rows.append({**model_card(entry)["zeroserve"], "id": name, **stats.summary(name), **load})
+            rows.append(
+                {**model_card(entry, self._last_used(name))["zeroserve"], "id": name, **stats.summary(name), **load}
+            )
         pool = [
             {
                 "node": node,
@@ -69,6 +71,10 @@ class PoolServing(Serving):
         ]
         return {"models": rows, "pool": pool, "time": time.time()}
 
+    def _last_used(self, model: str) -> float | None:
+        stats = self.state.stats.models.get(model)
+        return stats.last_request if stats is not None else None
+
     async def usage(self, authorization: str | None) -> dict[str, Any]:
         """The calling key's GPU-seconds today by model, what is left, and when it resets."""
         fair = self.state.fair
@@ -78,13 +84,13 @@ class PoolServing(Serving):
 
     async def list_models(self) -> dict[str, Any]:
         models = await self.state.backend.models(refresh=True)
-        return {"object": "list", "data": [model_card(e) for _, e in sorted(models.items())]}
+        return {"object": "list", "data": [model_card(e, self._last_used(n)) for n, e in sorted(models.items())]}
 
     async def get_model(self, name: str) -> dict[str, Any]:
         entry = (await self.state.backend.models(refresh=True)).get(name)
         if entry is None:
             raise ModelNotFoundError(name)
-        return model_card(entry)
+        return model_card(entry, self._last_used(entry.name))
 
 
 def placeability(models: dict[str, ModelEntry], capacity: dict[str, float]) -> dict[str, dict[str, Any]]:
