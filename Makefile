@@ -98,6 +98,8 @@ lint: venv
 bench: models
 	$(BIN)/python bench/gateway_latency.py
 	$(BIN)/python bench/cold_start.py
+	$(BIN)/python bench/pool_wake.py
+	$(BIN)/python bench/pool_trace.py
 
 bench-ab: models
 	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }

@@ -78,3 +78,32 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
             assert _classify(pool, m).status_code == 200
     finally:
         kill_node(node)
+
+
+def test_a_cold_model_evicts_an_idle_one_on_a_node_where_it_then_fits(joinable_pool: Pool) -> None:
+    """Eight idle 0.25 models fill the GPUs of two nodes; a ninth is answered after one of them
+    yields, and its replica lands on the node that model left."""
+    pool = joinable_pool
+    pool.deploy(pool.config({}))
+    before = _alive_nodes(pool)
+    node = add_node(
+        pool.run_dir, pool.cluster, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    )
+    try:
+        wait_for(lambda: _alive_nodes(pool) == before + 1, 60, "the second node to join")
+        awake = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "downscale_to_zero_delay_s": 600}
+        yielding = {**ARGS, "min_hold_s": 1, "cold_start_timeout_s": 120, "autoscaling": awake}
+        models = {f"y{i}": dict(yielding) for i in range(8)}
+        cold = {**yielding, "autoscaling": {**awake, "initial_replicas": 0}}
+        pool.deploy(pool.config({**models, "y8": cold}), timeout_s=300)
+        wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 300, "eight replicas running")
+        placement = {m: pool.replicas(m)[0]["node_id"] for m in models}
+        assert len(set(placement.values())) == 2
+        time.sleep(2)  # past every model's min_hold_s
+        assert _classify(pool, "y8").status_code == 200
+        gone = [m for m in models if not pool.running_replica_ids(m)]
+        assert len(gone) == 1, gone
+        (y8,) = [r["node_id"] for r in pool.replicas("y8") if r.get("state") == "RUNNING"]
+        assert y8 == placement[gone[0]]
+    finally:
+        kill_node(node)
