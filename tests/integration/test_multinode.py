@@ -4,10 +4,13 @@ clearly for its models while the others keep serving."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 from ray.util.state import list_nodes
@@ -35,10 +38,11 @@ def _classify(pool: Pool, model: str) -> httpx.Response:
     return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=60)
 
 
-def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> None:
-    pool = joinable_pool
-    # The gateway first, while the head is the only node: losing the second node below is about
-    # its models (a gateway replica on a lost node is issue 15's whole-machine case).
+@contextlib.contextmanager
+def _second_node(pool: Pool) -> Iterator[Any]:
+    """The gateway deployed alone on the head, then a second node (one logical GPU) joined; killed after."""
+    # The gateway first, while the head is the only node: losing the second node is about its
+    # models (a gateway replica on a lost node is issue 15's whole-machine case).
     pool.deploy(pool.config({}))
     before = _alive_nodes(pool)
     node = add_node(
@@ -46,6 +50,14 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
     )
     try:
         wait_for(lambda: _alive_nodes(pool) == before + 1, 60, "the second node to join")
+        yield node
+    finally:
+        kill_node(node)
+
+
+def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> None:
+    pool = joinable_pool
+    with _second_node(pool) as node:
         models = {f"n{i}": dict(ARGS) for i in range(8)}
         pool.deploy(pool.config(models), timeout_s=300)
         wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 300, "eight replicas running")
@@ -76,21 +88,13 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
             assert int(resp.headers["retry-after"]) > 0 and lost[0] in resp.json()["error"]["message"]
         for m in kept:
             assert _classify(pool, m).status_code == 200
-    finally:
-        kill_node(node)
 
 
 def test_a_cold_model_evicts_an_idle_one_on_a_node_where_it_then_fits(joinable_pool: Pool) -> None:
     """Eight idle 0.25 models fill the GPUs of two nodes; a ninth is answered after one of them
     yields, and its replica lands on the node that model left."""
     pool = joinable_pool
-    pool.deploy(pool.config({}))
-    before = _alive_nodes(pool)
-    node = add_node(
-        pool.run_dir, pool.cluster, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    )
-    try:
-        wait_for(lambda: _alive_nodes(pool) == before + 1, 60, "the second node to join")
+    with _second_node(pool):
         awake = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "downscale_to_zero_delay_s": 600}
         yielding = {**ARGS, "min_hold_s": 1, "cold_start_timeout_s": 120, "autoscaling": awake}
         models = {f"y{i}": dict(yielding) for i in range(8)}
@@ -105,5 +109,3 @@ def test_a_cold_model_evicts_an_idle_one_on_a_node_where_it_then_fits(joinable_p
         assert len(gone) == 1, gone
         (y8,) = [r["node_id"] for r in pool.replicas("y8") if r.get("state") == "RUNNING"]
         assert y8 == placement[gone[0]]
-    finally:
-        kill_node(node)
