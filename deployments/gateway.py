@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import GatewayMetrics
 from deployments.pool_policy import NAMESPACE, evict_key, yield_for, yield_time, yield_value
+from deployments.warm import BUDGET_KEY
 from zeroserve.config import GatewaySpec, parse_gateway_spec
 from zeroserve.engines import Classification, Embedding
 from zeroserve.errors import ModelUnavailableError, ZeroserveError, model_failed, model_saturated, replica_died
@@ -98,6 +99,16 @@ def _yielding() -> dict[str, tuple[str, float]]:
     except Exception as err:  # noqa: BLE001 - shown as not evicting until the next read
         logger.debug("pool: could not read the yield keys: %s", err)
     return out
+
+
+def _publish_warm_budget(gb: float) -> None:
+    """The warm tier's budget per node, where the warm copies read it (deployments/warm.py)."""
+    from ray.experimental import internal_kv
+
+    try:
+        internal_kv._internal_kv_put(BUDGET_KEY, str(gb).encode(), overwrite=True, namespace=NAMESPACE)
+    except Exception as err:  # noqa: BLE001 - the copies keep the last budget, or the default
+        logger.warning("could not publish the warm tier's budget: %s", err)
 
 
 class ServeBackend:
@@ -250,6 +261,7 @@ class Gateway:
         self.backend = ServeBackend(self.spec)
         self.metrics = GatewayMetrics() if self.spec.metrics else None
         logger.info("gateway config: %s", self.spec.model_dump())
+        _publish_warm_budget(self.spec.host_cache_gb)
         ledger = self.spec.auth.ledger
         self.ledger = open_ledger(ledger.backend, ledger.path, ledger.url) if self.spec.auth.enabled else None
         if not self.spec.auth.enabled:

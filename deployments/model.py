@@ -6,18 +6,19 @@ to zero, dynamic batching, health checks. The engine does the model work.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import DeploymentActorConfig
 
 from deployments.metrics import ReplicaMetrics
+from deployments.warm import WARM_ACTOR, WarmEngine, WarmModel
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Embedding, Engine, create_engine
 from zeroserve.errors import ModelUnavailableError
@@ -55,7 +56,10 @@ class ModelServer:
         configure_logging()
         self.spec = ModelSpec.model_validate(spec)
         self.name = serve.get_replica_context().app_name
-        self.engine = (engine_factory or create_engine)(self.spec, self.name)
+        if engine_factory is None and self.spec.uses_warm_tier:
+            self.engine: Engine = WarmEngine(self.name)  # attaches to the model kept warm (deployments/warm.py)
+        else:
+            self.engine = (engine_factory or create_engine)(self.spec, self.name)
         await self.engine.start()
         self._embed_batch.set_max_batch_size(self.spec.max_batch_size)  # type: ignore[attr-defined]
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -72,6 +76,10 @@ class ModelServer:
 
     def check_health(self) -> None:
         self.engine.health()
+
+    async def __del__(self) -> None:
+        """Serve stops the replica: a warm copy is told it may be dropped again."""
+        await self.engine.stop()
 
     @contextlib.contextmanager
     def _engine_work(self) -> Iterator[_Work]:
@@ -105,26 +113,28 @@ class ModelServer:
 
     # -- embeddings and classification: batched across requests ------------------
     async def embed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
-        self.engine.check_inputs(texts, dimensions)
+        await self.engine.acheck_inputs(texts, dimensions)
         return await self._embed_batch(list(texts))
 
     async def classify(self, texts: Sequence[str]) -> list[Classification]:
-        self.engine.check_inputs(texts)
+        await self.engine.acheck_inputs(texts)
         return await self._classify_batch(list(texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[list[Embedding]]:
-        return await self._run_batched(self.engine.embed, requests)
+        return await self._run_batched(self.engine.aembed, requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, requests: list[list[str]]) -> list[list[Classification]]:
-        return await self._run_batched(self.engine.classify, requests)
+        return await self._run_batched(self.engine.aclassify, requests)
 
-    async def _run_batched(self, fn: Callable[[list[str]], list[Any]], requests: list[list[str]]) -> list[list[Any]]:
+    async def _run_batched(
+        self, fn: Callable[[list[str]], Awaitable[list[Any]]], requests: list[list[str]]
+    ) -> list[list[Any]]:
         flat = [t for texts in requests for t in texts]
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
         with self._engine_work() as work:
-            results = await asyncio.to_thread(fn, flat)
+            results = await fn(flat)
         # The batch's engine time is shared equally among its inputs.
         each = work.engine_s * self.spec.gpu_fraction / max(len(flat), 1)
         results = [dataclasses.replace(r, gpu_s=each) for r in results]
@@ -139,7 +149,7 @@ class ModelServer:
         self, prompt: str | list[dict[str, str]], params: GenerateParams
     ) -> AsyncIterator[Accepted | Delta | Meter]:
         """:class:`Accepted`, the deltas, then the request's :class:`Meter` reading (zeroserve.wire)."""
-        text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
+        text = prompt if isinstance(prompt, str) else await self.engine.arender_chat(prompt)
         with self._engine_work() as work:
             async for message in self.engine.stream(text, params):
                 yield message
@@ -168,6 +178,7 @@ class ModelServer:
             "started_at": self.started_at,
             "ready_at": self.ready_at,
             "engine_timings": dict(getattr(self.engine, "timings", {})),
+            "start_path": getattr(self.engine, "path", "") or "cold",
             "batch_sizes": list(self.batch_sizes),
             "peak_running_requests": getattr(self.engine, "peak_running_requests", None),
         }
@@ -188,7 +199,19 @@ def build(args: dict[str, Any]) -> Application:
         ConfigError: the spec is invalid; Serve shows the message in ``serve status``.
     """
     spec = parse_model_spec(args)
+    warm = []
+    if spec.uses_warm_tier:
+        # The model itself lives here, kept built while the replicas come and go (the warm tier).
+        warm = [
+            DeploymentActorConfig(
+                name=WARM_ACTOR,
+                actor_class=WarmModel,
+                init_kwargs={"spec": spec.model_dump()},
+                actor_options={"num_cpus": spec.num_cpus},
+            )
+        ]
     return ModelServer.options(  # type: ignore[attr-defined]
+        deployment_actors=warm,
         ray_actor_options={"num_gpus": spec.gpu_fraction, "num_cpus": spec.num_cpus},
         autoscaling_config=spec.ray_autoscaling(),
         max_ongoing_requests=spec.max_ongoing_requests,

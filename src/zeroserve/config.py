@@ -146,6 +146,11 @@ class ModelSpec(_Strict):
     min_hold_s: float = Field(
         default=10.0, ge=0, description="Least idle time before the model may yield (a woken model serves first)."
     )
+    warm: bool = Field(
+        default=True,
+        description="Keep the model built in host memory between wakes (the warm tier; transformers "
+        "engines): a wake attaches to it instead of building it.",
+    )
     vllm: VLLMOptions | None = None
     weights_gb: float | None = Field(
         default=None,
@@ -180,6 +185,11 @@ class ModelSpec(_Strict):
         if not HUB_ID_RE.match(value) or ".." in value:
             raise ValueError("must be a hub id such as 'org/name' or a local path starting with '/' or './'")
         return value
+
+    @property
+    def uses_warm_tier(self) -> bool:
+        """Whether its replicas attach to a warm copy (transformers engines with ``warm``)."""
+        return self.warm and self.engine == "transformers"
 
     @property
     def never_yields(self) -> bool:
@@ -280,6 +290,12 @@ class GatewaySpec(_Strict):
         default=5.0, gt=0, description="SSE comment interval while a streamed request waits for a cold model."
     )
     metrics: bool = Field(default=True, description="Export Prometheus metrics through Ray's pipeline.")
+    host_cache_gb: float = Field(
+        default=16.0,
+        gt=0,
+        description="Host memory per node for models kept warm between wakes; the least recently "
+        "used warm copies with no replica leave first.",
+    )
     evict_idle_models: bool = Field(
         default=True,
         description="When a cold model fits on no GPU, ask idle models to yield their slices at once "

@@ -54,6 +54,16 @@ def test_unhealthy_deployment_without_running_replica_is_failed() -> None:
     assert model_state("RUNNING", dep) is ModelState.FAILED
 
 
+def test_unhealthy_while_serve_recreates_the_warm_copy_is_starting() -> None:
+    """Serve's own message while it recreates a dead deployment actor (Ray 2.60): a wake waits."""
+    message = (
+        "A deployment actor's health check failed. This deployment will be UNHEALTHY until the actor "
+        "is recreated or a new deploy happens."
+    )
+    dep = {"status": "UNHEALTHY", "message": message, "target_num_replicas": 1, "replicas": [{"state": "STARTING"}]}
+    assert model_state("RUNNING", dep) is ModelState.STARTING
+
+
 def test_gateway_and_foreign_apps_are_not_models() -> None:
     details = {
         "applications": {

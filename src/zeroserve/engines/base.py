@@ -8,6 +8,7 @@ drive it directly.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,24 @@ class Engine(abc.ABC):
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         raise NotImplementedError
+
+    # The forms a Serve replica awaits: an engine in this process runs the model work on a
+    # worker thread; an engine elsewhere (the warm tier, deployments/warm.py) awaits a call.
+    async def aembed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
+        return await asyncio.to_thread(self.embed, texts, dimensions)
+
+    async def aclassify(self, texts: Sequence[str]) -> list[Classification]:
+        return await asyncio.to_thread(self.classify, texts)
+
+    async def acheck_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
+        self.check_inputs(texts, dimensions)
+
+    async def arender_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return self.render_chat(messages)
+
+    async def stop(self) -> None:
+        """The replica stops (an engine elsewhere is told; one in this process goes with it)."""
+        return None
 
     def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
         """:class:`~zeroserve.wire.Accepted` once the prompt passed the checks, then the deltas."""

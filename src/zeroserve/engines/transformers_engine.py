@@ -125,6 +125,13 @@ class TransformersEngine(Engine):
                     elif cfg.get("pooling_mode_max_tokens"):
                         self._pooling = "max"
 
+    def host_bytes(self) -> int:
+        """Bytes of the model's weights and buffers (what keeping it built holds)."""
+        if self.model is None:
+            return 0
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
     def health(self) -> None:
         if self._broken:
             raise RuntimeError(self._broken)

@@ -18,6 +18,8 @@ from zeroserve.config import MODEL_BUILDER, ConfigError, ModelSpec, parse_model_
 
 __all__ = ["ModelEntry", "ModelState", "entries_from_details", "gpus_in_use", "model_state"]
 
+# Serve's status message while it recreates a deployment actor (deployment_state.py, Ray 2.60).
+_RECREATING_WARM_COPY = "until the actor is recreated"
 _STARTING_REPLICA_STATES = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
 
 
@@ -75,6 +77,10 @@ def model_state(app_status: str, deployment: Mapping[str, Any] | None) -> ModelS
     states = [r.get("state") for r in deployment.get("replicas", [])]
     if "RUNNING" in states:
         return ModelState.READY
+    if deployment.get("status") == "UNHEALTHY" and _RECREATING_WARM_COPY in str(deployment.get("message", "")):
+        # Serve marks the deployment UNHEALTHY while it recreates a dead deployment actor (the
+        # model's warm copy, deployments/warm.py): a wake waits for it instead of failing.
+        return ModelState.STARTING
     if deployment.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
         return ModelState.FAILED
     if any(s in _STARTING_REPLICA_STATES for s in states):

@@ -1,0 +1,360 @@
+"""The warm tier: a model kept built in host memory between wakes, as ZeroGPU keeps every Space.
+
+A wake used to start a Ray worker, import torch and transformers and build the model from disk
+(seconds) while reading the weights takes a fraction of a second. Here the model lives in a
+:class:`WarmModel`, a deployment-scoped actor of its model deployment (Ray 2.60's
+``deployment_actors``: started and health-checked by the Serve controller, shared by the
+deployment's replicas, alive while the deployment is, also at zero replicas). The Serve
+replica that asks for the GPU fraction and scales to zero is thin: it imports no torch, and its
+start *attaches* to the warm model (:class:`WarmEngine`) instead of building one.
+
+Bounded: the warm copies on a node hold at most ``host_cache_gb`` (the gateway's setting, read
+from the GCS) of weights; the least recently used copies that no replica is attached to are
+dropped first, and a dropped model is built again on its next wake (the slow path, correct).
+A warm copy remembers the files it was built from: a changed folder is built again on attach.
+
+The cost is one Ray call per request (replica to warm actor) and per streamed message; see
+docs/architecture.md ("The warm tier") for what was measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from deployments.pool_policy import NAMESPACE
+from zeroserve.config import ModelSpec, resolve_model_source
+from zeroserve.engines import Classification, Embedding, Engine, create_engine
+from zeroserve.logs import configure_logging
+from zeroserve.protocol import GenerateParams
+from zeroserve.wire import Accepted, Delta
+
+__all__ = ["BUDGET_KEY", "WARM_ACTOR", "WarmEngine", "WarmModel", "fingerprint"]
+
+logger = logging.getLogger("zeroserve.warm")
+
+WARM_ACTOR = "warm"
+
+BUDGET_KEY = b"host_cache_gb"
+DEFAULT_BUDGET_GB = 16.0
+_GB = 1024**3
+
+
+def fingerprint(source: str) -> str:
+    """What a model folder holds now (file names, sizes, modification times); a hub id as is."""
+    root = Path(source)
+    if not root.is_dir():
+        return source
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return json.dumps([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _kv() -> Any:
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def budget_bytes() -> float:
+    """The warm tier's budget per node (``host_cache_gb`` of the gateway, in the GCS)."""
+    try:
+        value = _kv()._internal_kv_get(BUDGET_KEY, namespace=NAMESPACE)
+        return float(value) * _GB if value is not None else DEFAULT_BUDGET_GB * _GB
+    except Exception:  # noqa: BLE001 - the GCS restarts: the default holds meanwhile
+        return DEFAULT_BUDGET_GB * _GB
+
+
+@ray.remote
+class WarmModel:
+    """One model's engine, built in host memory and kept between wakes.
+
+    Args:
+        spec: the model's spec (as a dict).
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        configure_logging()
+        self.spec = ModelSpec.model_validate(spec)
+        self.app = serve.get_deployment_actor_context().app_name
+        self.engine: Engine | None = None
+        self.built_from = ""
+        self.attached = 0
+        self.last_used = time.time()
+        self.bytes = 0
+        self.timings: dict[str, float] = {}
+        self.node = ray.get_runtime_context().get_node_id()
+        # Serve names it and creates it in its own namespace (SERVE_NAMESPACE, deployment_state.py).
+        self.me = (ray.get_runtime_context().get_actor_name(), "serve")
+        self._lock: asyncio.Lock | None = None
+        started = time.perf_counter()
+        import torch  # noqa: F401 - the imports are what a warm process saves every wake
+        import transformers  # noqa: F401
+
+        self.import_s = time.perf_counter() - started
+        # Built now, so that even the first wake attaches (unless the node's budget is full).
+        self._build(fingerprint(resolve_model_source(self.spec)), waking=False)
+
+    async def attach(self) -> dict[str, Any]:
+        """A replica starts: the model, built now if it is not warm or its files changed.
+
+        Returns:
+            ``path`` ("warm": it was built already; "cold": built now) and the build's timings.
+        """
+        async with self._locked():
+            self.attached += 1
+            self.last_used = time.time()
+            source = resolve_model_source(self.spec)
+            now = await asyncio.to_thread(fingerprint, source)
+            path = "warm"
+            if self.engine is None or now != self.built_from:
+                path = "cold" if self.engine is None else "changed"
+                await asyncio.to_thread(self._build, now, True)
+            # Now the most recently used: the node's least recently used copies make room.
+            await asyncio.to_thread(self._keep_budget)
+            return {"path": path, "timings": dict(self.timings), "import_s": self.import_s, "bytes": self.bytes}
+
+    async def detach(self) -> None:
+        """A replica stopped: the model stays warm, and may be dropped under the budget."""
+        async with self._locked():
+            self.attached = max(0, self.attached - 1)
+            self.last_used = time.time()
+            self._register()
+
+    async def drop(self) -> bool:
+        """Leave the warm tier (frees the host memory) unless a replica is attached or it is busy
+        attaching (never waits: another copy's build is waiting for the answer)."""
+        if self._locked().locked():
+            return False
+        async with self._locked():
+            if self.attached or self.engine is None:
+                return False
+            logger.info("warm: %s leaves the warm tier (%.0f MB)", self.app, self.bytes / 2**20)
+            self.engine, self.built_from, self.bytes = None, "", 0
+            gc.collect()
+            self._unregister()
+            return True
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "warm": self.engine is not None,
+            "attached": self.attached,
+            "bytes": self.bytes,
+            "pid": os.getpid(),
+            "node": self.node,
+            "last_used": self.last_used,
+        }
+
+    # -- the engine's work, for the attached replicas ---------------------------------
+    async def check_inputs(self, texts: Sequence[str], dimensions: int | None) -> None:
+        self._engine().check_inputs(texts, dimensions)
+
+    async def embed(self, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
+        return await asyncio.to_thread(self._engine().embed, texts, dimensions)
+
+    async def classify(self, texts: Sequence[str]) -> list[Classification]:
+        return await asyncio.to_thread(self._engine().classify, texts)
+
+    async def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return self._engine().render_chat(messages)
+
+    async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
+        async for message in self._engine().stream(prompt, params):
+            yield message
+
+    async def health(self) -> None:
+        if self.engine is not None:
+            self.engine.health()
+
+    # -- inside -----------------------------------------------------------------------
+    def _locked(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError(f"model '{self.app}' is not attached to its warm copy")
+        return self.engine
+
+    def _build(self, built_from: str, waking: bool) -> None:
+        """Build the model in host memory (a worker thread, or the constructor), then keep the
+        node's budget; a copy built ahead of a wake is dropped again if it does not fit."""
+        self.engine, self.built_from, self.bytes = None, "", 0
+        gc.collect()
+        started = time.perf_counter()
+        engine = create_engine(self.spec, self.app)
+        engine.load()
+        self.engine, self.built_from = engine, built_from
+        self.timings = {**getattr(engine, "timings", {}), "build_s": time.perf_counter() - started}
+        self.bytes = int(getattr(engine, "host_bytes", lambda: 0)())
+        if not waking and not self._keep_budget():
+            self.engine, self.built_from, self.bytes = None, "", 0
+            self._unregister()
+            gc.collect()
+
+    def _register(self) -> None:
+        if self.engine is None:
+            return
+        value = json.dumps({"bytes": self.bytes, "last_used": self.last_used, "attached": self.attached})
+        _kv()._internal_kv_put(self._key(), value.encode(), overwrite=True, namespace=NAMESPACE)
+
+    def _unregister(self) -> None:
+        _kv()._internal_kv_del(self._key(), namespace=NAMESPACE)
+
+    def _key(self) -> bytes:
+        name, namespace = self.me
+        return f"warm:{self.node}:{namespace}:{name}".encode()
+
+    def _keep_budget(self) -> bool:
+        """Drop the least recently used warm copies on this node that no replica is attached
+        to until the node's warm copies fit its budget. Returns whether they fit."""
+        self._register()
+        kv = _kv()
+        copies = []
+        for key in kv._internal_kv_list(f"warm:{self.node}:".encode(), namespace=NAMESPACE):
+            raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if raw is not None:
+                copies.append((key, json.loads(raw)))
+        total = sum(e["bytes"] for _, e in copies)
+        budget = budget_bytes()
+        for key, entry in sorted(copies, key=lambda c: c[1]["last_used"]):
+            if total <= budget:
+                break
+            if key == self._key() or entry["attached"]:
+                continue
+            namespace, name = key.decode().split(":", 3)[2:]
+            dropped: bool
+            try:
+                dropped = bool(ray.get(ray.get_actor(name, namespace=namespace).drop.remote(), timeout=5))
+            except (ValueError, ray.exceptions.RayActorError):  # its actor is gone: so is its copy
+                logger.info("warm: the copy of %s is gone with its actor", name)
+                kv._internal_kv_del(key, namespace=NAMESPACE)
+                dropped = True
+            except ray.exceptions.GetTimeoutError:  # busy building or attaching: it stays
+                dropped = False
+            if dropped:
+                total -= entry["bytes"]
+        if total > budget:
+            logger.warning(
+                "warm: the copies on node %s hold %.1f MB, over the %.1f MB budget",
+                self.node[:12],
+                total / 2**20,
+                budget / 2**20,
+            )
+        return total <= budget
+
+
+class WarmEngine(Engine):
+    """The engine as a replica sees it: the model's warm copy, one Ray call away."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.handle: Any = None
+        self.timings: dict[str, float] = {}
+        self.path = ""
+
+    def load(self) -> None:  # pragma: no cover - the warm copy loads (start attaches)
+        raise NotImplementedError
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Attach to the warm copy. One that died is recreated by the controller (its health check,
+        every 10 s): until then its name may still resolve to the dead actor, so this retries."""
+        started = time.perf_counter()
+        while True:
+            self.handle = await _deployment_actor(timeout_s)
+            try:
+                info = await self.handle.attach.remote()
+                break
+            except ray.exceptions.RayTaskError as err:
+                raise _cause(err) from None
+            except ray.exceptions.RayActorError:
+                if time.perf_counter() - started > timeout_s:
+                    raise
+                await asyncio.sleep(0.5)
+        self.path = info["path"]
+        self.timings = {**info["timings"], "attach_s": time.perf_counter() - started}
+        logger.info("%s attached to its warm copy (%s path) in %.2f s", self.app, self.path, self.timings["attach_s"])
+
+    async def stop(self) -> None:
+        if self.handle is not None:
+            try:
+                await self.handle.detach.remote()
+            except ray.exceptions.RayActorError:
+                pass
+
+    def health(self) -> None:
+        # The warm actor's own health is the controller's (it recreates it); a call that finds it
+        # dead attaches to the new one (_call).
+        return None
+
+    async def acheck_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
+        await self._call("check_inputs", list(texts), dimensions)
+
+    async def arender_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return await self._call("render_chat", list(messages))  # type: ignore[no-any-return]
+
+    async def aembed(self, texts: Sequence[str], dimensions: int | None = None) -> list[Embedding]:
+        return await self._call("embed", list(texts), dimensions)  # type: ignore[no-any-return]
+
+    async def aclassify(self, texts: Sequence[str]) -> list[Classification]:
+        return await self._call("classify", list(texts))  # type: ignore[no-any-return]
+
+    async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
+        started = False
+        for attempt in (0, 1):
+            try:
+                async for ref in self.handle.stream.options(num_returns="streaming").remote(prompt, params):
+                    started = True
+                    yield await ref
+                return
+            except ray.exceptions.RayTaskError as err:
+                raise _cause(err) from None
+            except ray.exceptions.RayActorError:
+                if started or attempt:
+                    raise
+                await self._reattach()
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        for attempt in (0, 1):
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except ray.exceptions.RayTaskError as err:
+                raise _cause(err) from None
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise
+                await self._reattach()
+        raise AssertionError("unreachable")
+
+    async def _reattach(self) -> None:
+        """The warm actor died: the controller starts a new one; attach to it (it builds the model)."""
+        logger.warning("%s lost its warm copy; attaching to the new one", self.app)
+        await self.start()
+
+
+def _cause(err: Exception) -> Exception:
+    """The exception the warm copy raised (an InvalidRequestError stays a 400), not Ray's wrapper."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else err
+
+
+async def _deployment_actor(timeout_s: float = 120.0) -> Any:
+    """The deployment's warm actor; right after a recreation the name resolves a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return serve.get_deployment_actor(WARM_ACTOR)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
