@@ -101,10 +101,16 @@ class WarmModel:
         import transformers  # noqa: F401
 
         self.import_s = time.perf_counter() - started
-        # Built now, so that even the first wake attaches (unless the node's budget is full).
-        self._build(fingerprint(resolve_model_source(self.spec)), waking=False)
+        # Built now, so that even the first wake attaches (unless the node's budget is full). A
+        # model that does not build stays unbuilt: its wake builds it again and fails as itself
+        # (the replica's constructor), as a model without a warm copy would.
+        try:
+            self._build(fingerprint(resolve_model_source(self.spec)), waking=False)
+        except Exception as err:  # noqa: BLE001 - reported by the wake that needs it
+            logger.warning("warm: %s was not built ahead of its wake: %s", self.app, err)
+            self.engine, self.built_from, self.bytes = None, "", 0
 
-    async def attach(self) -> dict[str, Any]:
+    async def attach(self, gpu_ids: Sequence[str] = ()) -> dict[str, Any]:
         """A replica starts: the model, built now if it is not warm or its files changed.
 
         Returns:
@@ -121,6 +127,8 @@ class WarmModel:
                 await asyncio.to_thread(self._build, now, True)
             # Now the most recently used: the node's least recently used copies make room.
             await asyncio.to_thread(self._keep_budget)
+            if gpu_ids:  # the replica's GPU slice: the copy moves there while it is attached
+                await asyncio.to_thread(self._place, f"cuda:{int(gpu_ids[0])}")
             return {"path": path, "timings": dict(self.timings), "import_s": self.import_s, "bytes": self.bytes}
 
     async def detach(self) -> None:
@@ -128,6 +136,8 @@ class WarmModel:
         async with self._locked():
             self.attached = max(0, self.attached - 1)
             self.last_used = time.time()
+            if not self.attached:
+                await asyncio.to_thread(self._place, "cpu")  # the GPU slice is given back
             self._register()
 
     async def drop(self) -> bool:
@@ -181,6 +191,11 @@ class WarmModel:
             self._lock = asyncio.Lock()
         return self._lock
 
+    def _place(self, device: str) -> None:
+        place = getattr(self.engine, "place", None)
+        if place is not None:
+            place(device)
+
     def _engine(self) -> Engine:
         if self.engine is None:
             raise RuntimeError(f"model '{self.app}' is not attached to its warm copy")
@@ -193,6 +208,7 @@ class WarmModel:
         gc.collect()
         started = time.perf_counter()
         engine = create_engine(self.spec, self.app)
+        engine.host_only = True  # type: ignore[attr-defined]  # on a GPU only while attached
         engine.load()
         self.engine, self.built_from = engine, built_from
         self.timings = {**getattr(engine, "timings", {}), "build_s": time.perf_counter() - started}
@@ -273,7 +289,7 @@ class WarmEngine(Engine):
         while True:
             self.handle = await _deployment_actor(timeout_s)
             try:
-                info = await self.handle.attach.remote()
+                info = await self.handle.attach.remote(ray.get_gpu_ids())
                 break
             except ray.exceptions.RayTaskError as err:
                 raise _cause(err) from None

@@ -49,7 +49,9 @@ def obs_pool(pool: Pool) -> Pool:
         "num_cpus": 0.05,
         "cold_start_timeout_s": 25,
     }
-    pool.deploy(pool.config({**models, "whole-gpu": big}, keepalive_s=1.0))
+    # Eviction off: a model that fits nowhere is called at once and waits in Ray's queue, so the
+    # status view shows it "starting" (with eviction on it would wait uncalled in the gateway).
+    pool.deploy(pool.config({**models, "whole-gpu": big}, keepalive_s=1.0, evict_idle_models=False))
     wait_for(lambda: not pool.replicas(EMB) and not pool.replicas(GEN), 90, "both models at zero")
     return pool
 

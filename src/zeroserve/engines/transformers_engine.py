@@ -49,6 +49,22 @@ class TransformersEngine(Engine):
         self._normalize = True
         self._broken: str | None = None
         self.timings: dict[str, float] = {}
+        # Built on the host whatever the node has (a warm copy, deployments/warm.py); place()
+        # moves it to a GPU and back.
+        self.host_only = False
+
+    def place(self, device: str) -> None:
+        """Move the built model to ``device`` ("cpu", or "cuda:N" held to the model's fraction)."""
+        import torch
+
+        if device == self.device:
+            return
+        if device.startswith("cuda"):
+            torch.cuda.set_per_process_memory_fraction(self.spec.gpu_fraction, torch.device(device))
+        self.model = self.model.to(device)
+        previous, self.device = self.device, device
+        if previous.startswith("cuda"):
+            torch.cuda.empty_cache()  # what stays on the card is the CUDA context
 
     # -- loading -------------------------------------------------------------------
     def load(self) -> None:
@@ -59,7 +75,7 @@ class TransformersEngine(Engine):
         self.timings["import_s"] = time.perf_counter() - start
         settings = get_settings()
         torch.set_num_threads(settings.torch_threads)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not self.host_only:
             self.device = "cuda"
             # Hold this process to its share of the card so a neighbour cannot be starved.
             torch.cuda.set_per_process_memory_fraction(self.spec.gpu_fraction)
