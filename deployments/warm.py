@@ -192,8 +192,11 @@ class WarmModel:
         return self._lock
 
     def _place(self, device: str) -> None:
+        """Move the copy to ``device``; a logical GPU (no CUDA on the node: the CPU demo) is the host."""
+        import torch
+
         place = getattr(self.engine, "place", None)
-        if place is not None:
+        if place is not None and (device == "cpu" or torch.cuda.is_available()):
             place(device)
 
     def _engine(self) -> Engine:
