@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     import ray
+    from ray import serve
 
     warm: dict[str, list[dict[str, Any]]] = {m: [] for m in REQUESTS}
     slow: dict[str, list[dict[str, Any]]] = {m: [] for m in REQUESTS}
@@ -160,6 +161,9 @@ def main() -> None:
                 wait(lambda copy=copy: ray.get(copy.drop.remote()), 60)  # type: ignore[misc]
                 slow[model].append(wake(c, port, http, model))
         thin = thin_wakes(args.rounds)
+        # A handle's router pushes metrics from a thread that outlives ray.shutdown(): its next
+        # push would start a local Ray in this process.
+        serve.context._global_client.shutdown_cached_handles()
         ray.shutdown()
     for _ in range(args.rounds):
         for model in REQUESTS:
