@@ -83,7 +83,7 @@ services:
 	  || { echo "redis-server is needed by the tests: install Debian's redis-server"; exit 1; }
 
 test: models lint services
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
