@@ -469,3 +469,30 @@ async def test_a_wake_soon_after_an_eviction_is_counted_as_a_rewake() -> None:
     for name in "ab":
         await state.room.enter(state, backend.entries[name], 0, RoomLook())
     assert seen == ["a"]
+
+
+async def test_a_placed_replica_asks_for_no_room_and_a_failing_node_list_is_looked_at_again() -> None:
+    from zeroserve.gateway import ModelState
+    from zeroserve.gateway.room import RoomLook, make_room
+
+    backend = _full_pool()
+    state = GatewayState.create(GatewaySpec(), backend)
+    for name in "abcd":
+        state.stats.models[name].last_request = time.time() - 600  # all idle: each could yield
+    # "late" already has a replica placed on n1 and starting: it holds its slice; nobody yields.
+    starting = dataclasses.replace(backend.entries["late"], state=ModelState.STARTING, starting_nodes=("n1",))
+    assert await make_room(state, starting, {**backend.entries, "late": starting}) == []
+    assert backend.yields == []
+    # The node list fails once while a cold model waits: the wait goes on, and it wakes.
+    backend.entries.pop("d")
+    real, failures = backend.gpus, []
+
+    async def gpus() -> dict[str, float]:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("GCS unavailable")
+        return await real()
+
+    backend.gpus = gpus  # type: ignore[method-assign]
+    assert await state.room.enter(state, backend.entries["late"], 0, RoomLook()) in ("free", "evicted")
+    assert failures == [1]

@@ -156,7 +156,7 @@ def queues(draw: st.DrawFn) -> tuple[list[Waiter], dict[str, float], list[Reside
             fraction=draw(FRACTIONS),
             priority=draw(st.integers(0, 2)),
             arrival=float(draw(st.integers(0, 100))),
-            coming=draw(st.sampled_from([0.0, 0.0, 0.25])),
+            coming=draw(st.sampled_from([{}, {}, {"a": 0.25}, {"b": 0.5}])),
         )
         for i in range(draw(st.integers(1, 5)))
     ]
@@ -182,7 +182,9 @@ def test_room_is_handed_out_once_and_only_what_fits(
         assert victims and all(is_idle(v, NOW) for v in victims)
         assert len({v.node for v in victims}) == 1
         assert sum(v.fraction for v in victims) + free[victims[0].node] + EPSILON >= by_model[model].fraction
-        assert by_model[model].coming + EPSILON < by_model[model].fraction
+        # A model whose victims already leave with enough room on their node asks for no more.
+        w = by_model[model]
+        assert not any(free[n] + g + EPSILON >= w.fraction for n, g in w.coming.items())
     # Each model is in at most one of go, asks, blocked.
     assert not set(plan.go) & set(plan.asks) and not set(plan.go) & set(plan.blocked)
 
@@ -210,8 +212,14 @@ def test_a_free_slot_goes_to_the_better_request_and_a_model_with_room_on_its_way
     plan = plan_room([low, high], free, residents, NOW)
     assert plan.go == {"high": "a"} and plan.asks == {"low": residents}
     # Victims already leaving for "low" cover it: nobody else is asked for it.
-    plan = plan_room([Waiter("low", 0.25, coming=0.25)], {"a": 0.0}, residents, NOW)
+    plan = plan_room([Waiter("low", 0.25, coming={"a": 0.25})], {"a": 0.0}, residents, NOW)
     assert plan.go == {} and plan.asks == {} and plan.blocked == []
+    # Half of a whole-GPU model's room is free and its victim frees the rest: that free half is
+    # held for it, not handed to a later, lower request.
+    big = Waiter("big", 1.0, priority=5, arrival=1.0, coming={"a": 0.5})
+    small = Waiter("small", 0.5, priority=0, arrival=2.0)
+    plan = plan_room([big, small], {"a": 0.5}, [], NOW)
+    assert plan.go == {} and plan.blocked == ["small"]
     # A model waited for by several requests takes the place of its best one, once.
     plan = plan_room([low, Waiter("low", 0.25, priority=5, arrival=9.0), high], free, residents, NOW)
     assert plan.go == {"low": "a"} and plan.asks == {"high": residents}
