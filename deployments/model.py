@@ -18,7 +18,7 @@ from ray.serve import Application
 from ray.serve.config import DeploymentActorConfig
 
 from deployments.metrics import ReplicaMetrics
-from deployments.warm import WARM_ACTOR, WarmEngine, WarmModel
+from deployments.warm import WARM_ACTOR, WarmCopyElsewhere, WarmEngine, WarmModel
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Embedding, Engine, create_engine
 from zeroserve.errors import ModelUnavailableError
@@ -56,11 +56,7 @@ class ModelServer:
         configure_logging()
         self.spec = ModelSpec.model_validate(spec)
         self.name = serve.get_replica_context().app_name
-        if engine_factory is None and self.spec.uses_warm_tier:
-            self.engine: Engine = WarmEngine(self.name)  # attaches to the model kept warm (deployments/warm.py)
-        else:
-            self.engine = (engine_factory or create_engine)(self.spec, self.name)
-        await self.engine.start()
+        self.engine: Engine = await self._engine(engine_factory)
         self._embed_batch.set_max_batch_size(self.spec.max_batch_size)  # type: ignore[attr-defined]
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._classify_batch.set_max_batch_size(self.spec.max_batch_size)  # type: ignore[attr-defined]
@@ -73,6 +69,20 @@ class ModelServer:
         self.metrics.started(
             {**{k.removesuffix("_s"): v for k, v in timings.items()}, "total": self.ready_at - self.started_at}
         )
+
+    async def _engine(self, engine_factory: Callable[..., Engine] | None) -> Engine:
+        """The model's warm copy attached (deployments/warm.py), or an engine built here: when
+        the model is not in the warm tier, or its copy is on another node than this replica."""
+        if engine_factory is None and self.spec.uses_warm_tier:
+            warm = WarmEngine(self.name)
+            try:
+                await warm.start()
+                return warm
+            except WarmCopyElsewhere as err:
+                logger.info("%s; building the model in this replica", err)
+        engine = (engine_factory or create_engine)(self.spec, self.name)
+        await engine.start()
+        return engine
 
     def check_health(self) -> None:
         self.engine.health()

@@ -39,7 +39,7 @@ from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.wire import Accepted, Delta
 
-__all__ = ["BUDGET_KEY", "WARM_ACTOR", "WarmEngine", "WarmModel", "fingerprint"]
+__all__ = ["BUDGET_KEY", "WARM_ACTOR", "WarmCopyElsewhere", "WarmEngine", "WarmModel", "fingerprint"]
 
 logger = logging.getLogger("zeroserve.warm")
 
@@ -88,7 +88,7 @@ class WarmModel:
         self.app = serve.get_deployment_actor_context().app_name
         self.engine: Engine | None = None
         self.built_from = ""
-        self.attached = 0
+        self.replicas: set[str] = set()  # the replicas attached (a retried attach counts once)
         self.last_used = time.time()
         self.bytes = 0
         self.timings: dict[str, float] = {}
@@ -110,14 +110,26 @@ class WarmModel:
             logger.warning("warm: %s was not built ahead of its wake: %s", self.app, err)
             self.engine, self.built_from, self.bytes = None, "", 0
 
-    async def attach(self, gpu_ids: Sequence[str] = ()) -> dict[str, Any]:
+    @property
+    def attached(self) -> int:
+        return len(self.replicas)
+
+    async def attach(self, replica: str, node: str, gpu_ids: Sequence[str] = ()) -> dict[str, Any]:
         """A replica starts: the model, built now if it is not warm or its files changed.
 
+        Args:
+            replica: the replica's id (attaching again is one attach).
+            node: the replica's node. A copy on another node cannot serve it (its GPU slice is
+                there): it is refused (``elsewhere``), and the replica builds its own engine.
+
         Returns:
-            ``path`` ("warm": it was built already; "cold": built now) and the build's timings.
+            ``path`` ("warm": it was built already; "cold": built now; "changed": rebuilt because
+            its files changed), the build's timings, and ``elsewhere``.
         """
+        if node != self.node:
+            return {"elsewhere": True, "node": self.node}
         async with self._locked():
-            self.attached += 1
+            self.replicas.add(replica)
             self.last_used = time.time()
             source = resolve_model_source(self.spec)
             now = await asyncio.to_thread(fingerprint, source)
@@ -129,12 +141,18 @@ class WarmModel:
             await asyncio.to_thread(self._keep_budget)
             if gpu_ids:  # the replica's GPU slice: the copy moves there while it is attached
                 await asyncio.to_thread(self._place, f"cuda:{int(gpu_ids[0])}")
-            return {"path": path, "timings": dict(self.timings), "import_s": self.import_s, "bytes": self.bytes}
+            return {
+                "elsewhere": False,
+                "path": path,
+                "timings": dict(self.timings),
+                "import_s": self.import_s,
+                "bytes": self.bytes,
+            }
 
-    async def detach(self) -> None:
+    async def detach(self, replica: str) -> None:
         """A replica stopped: the model stays warm, and may be dropped under the budget."""
         async with self._locked():
-            self.attached = max(0, self.attached - 1)
+            self.replicas.discard(replica)
             self.last_used = time.time()
             if not self.attached:
                 await asyncio.to_thread(self._place, "cpu")  # the GPU slice is given back
@@ -207,8 +225,9 @@ class WarmModel:
     def _build(self, built_from: str, waking: bool) -> None:
         """Build the model in host memory (a worker thread, or the constructor), then keep the
         node's budget; a copy built ahead of a wake is dropped again if it does not fit."""
-        self.engine, self.built_from, self.bytes = None, "", 0
-        gc.collect()
+        if not self.replicas:  # nobody uses the old one: free it before building the new one
+            self.engine, self.built_from, self.bytes = None, "", 0
+            gc.collect()
         started = time.perf_counter()
         engine = create_engine(self.spec, self.app)
         engine.host_only = True  # type: ignore[attr-defined]  # on a GPU only while attached
@@ -273,6 +292,10 @@ class WarmModel:
         return total <= budget
 
 
+class WarmCopyElsewhere(Exception):
+    """The model's warm copy is on another node than this replica (its GPU slice is here)."""
+
+
 class WarmEngine(Engine):
     """The engine as a replica sees it: the model's warm copy, one Ray call away."""
 
@@ -281,18 +304,26 @@ class WarmEngine(Engine):
         self.handle: Any = None
         self.timings: dict[str, float] = {}
         self.path = ""
+        ctx = ray.get_runtime_context()
+        self.replica = ctx.get_actor_id() or ""
+        self.node = ctx.get_node_id()
+        self._reattaching: asyncio.Lock | None = None
 
     def load(self) -> None:  # pragma: no cover - the warm copy loads (start attaches)
         raise NotImplementedError
 
     async def start(self, timeout_s: float = 120.0) -> None:
         """Attach to the warm copy. One that died is recreated by the controller (its health check,
-        every 10 s): until then its name may still resolve to the dead actor, so this retries."""
+        every 10 s): until then its name may still resolve to the dead actor, so this retries.
+
+        Raises:
+            WarmCopyElsewhere: the copy is on another node (the replica builds its own engine).
+        """
         started = time.perf_counter()
         while True:
             self.handle = await _deployment_actor(timeout_s)
             try:
-                info = await self.handle.attach.remote(ray.get_gpu_ids())
+                info = await self.handle.attach.remote(self.replica, self.node, ray.get_gpu_ids())
                 break
             except ray.exceptions.RayTaskError as err:
                 raise _cause(err) from None
@@ -300,6 +331,8 @@ class WarmEngine(Engine):
                 if time.perf_counter() - started > timeout_s:
                     raise
                 await asyncio.sleep(0.5)
+        if info["elsewhere"]:
+            raise WarmCopyElsewhere(f"the warm copy of {self.app} is on node {info['node'][:12]}")
         self.path = info["path"]
         self.timings = {**info["timings"], "attach_s": time.perf_counter() - started}
         logger.info("%s attached to its warm copy (%s path) in %.2f s", self.app, self.path, self.timings["attach_s"])
@@ -307,7 +340,7 @@ class WarmEngine(Engine):
     async def stop(self) -> None:
         if self.handle is not None:
             try:
-                await self.handle.detach.remote()
+                await self.handle.detach.remote(self.replica)
             except ray.exceptions.RayActorError:
                 pass
 
@@ -331,17 +364,24 @@ class WarmEngine(Engine):
     async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
         started = False
         for attempt in (0, 1):
+            generator = None
             try:
-                async for ref in self.handle.stream.options(num_returns="streaming").remote(prompt, params):
+                generator = self.handle.stream.options(num_returns="streaming").remote(prompt, params)
+                async for ref in generator:
                     started = True
                     yield await ref
+                generator = None
                 return
             except ray.exceptions.RayTaskError as err:
                 raise _cause(err) from None
             except ray.exceptions.RayActorError:
+                generator = None
                 if started or attempt:
                     raise
                 await self._reattach()
+            finally:
+                if generator is not None:  # left early (the client went away): stop generating
+                    ray.cancel(generator)
 
     async def _call(self, method: str, *args: Any) -> Any:
         for attempt in (0, 1):
@@ -356,9 +396,16 @@ class WarmEngine(Engine):
         raise AssertionError("unreachable")
 
     async def _reattach(self) -> None:
-        """The warm actor died: the controller starts a new one; attach to it (it builds the model)."""
-        logger.warning("%s lost its warm copy; attaching to the new one", self.app)
-        await self.start()
+        """The warm actor died: the controller starts a new one; attach to it (it builds the model).
+        Calls that fail together attach once."""
+        if self._reattaching is None:
+            self._reattaching = asyncio.Lock()
+        handle = self.handle
+        async with self._reattaching:
+            if self.handle is not handle:
+                return  # another call attached meanwhile
+            logger.warning("%s lost its warm copy; attaching to the new one", self.app)
+            await self.start()
 
 
 def _cause(err: Exception) -> Exception:

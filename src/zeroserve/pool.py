@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "EPSILON",
@@ -147,14 +147,15 @@ class Waiter:
         fraction: its GPU fraction.
         priority: the request's priority (its key's tier; higher goes first).
         arrival: when it began to wait (the caller's clock).
-        coming: GPUs already being freed for this model (its victims, asked earlier, still leaving).
+        coming: GPUs per node already being freed for this model (its victims, asked earlier,
+            still leaving).
     """
 
     model: str
     fraction: float
     priority: int = 0
     arrival: float = 0.0
-    coming: float = 0.0
+    coming: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,9 @@ def plan_room(
     for by several requests takes the place of its best. Each model in turn takes a node it fits
     on, or the victims that make it fit (:func:`choose_victims`) among those not yet given to a
     model before it. A model whose victims are already leaving (``coming``) asks for no more
-    while they free enough. Room that a model before could not use goes to the next (a big model
-    that fits nowhere does not stop a small one that fits), but never room that is not free yet.
+    while they and what is free on their node are enough, and holds that node's free room. Room
+    that a model before could not use goes to the next (a big model that fits nowhere does not
+    stop a small one that fits), but never room that is not free yet.
     """
     best: dict[str, Waiter] = {}
     for w in sorted(waiters, key=lambda w: (-w.priority, w.arrival, w.model)):
@@ -199,8 +201,10 @@ def plan_room(
             room[node] -= w.fraction
             go[w.model] = node
             continue
-        if w.coming + EPSILON >= w.fraction:
-            continue  # its room is on the way
+        held = [n for n, g in w.coming.items() if room.get(n, 0.0) + g + EPSILON >= w.fraction]
+        if held:
+            room[held[0]] = 0.0  # its room is on the way: what is free there is part of it
+            continue
         victims = choose_victims(w.fraction, room, pool, now)
         if not victims:
             blocked.append(w.model)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from zeroserve.errors import model_failed
 from zeroserve.gateway.registry import ModelEntry, ModelState, gpus_in_use
-from zeroserve.pool import Resident, RoomPlan, Waiter, choose_victims, plan_room
+from zeroserve.pool import EPSILON, Resident, RoomPlan, Waiter, choose_victims, plan_room
 
 if TYPE_CHECKING:
     from zeroserve.gateway.state import GatewayState
@@ -117,12 +117,11 @@ class RoomQueue:
             return "joined"
         if entry.spec.gpu_fraction <= 0:
             return "free"
+        me = _Waiting(entry.name, entry.spec.gpu_fraction, priority, time.time())
         if not state.spec.evict_idle_models:
             # Ray places the replica when a slice frees (an idle model's own delay): say which.
-            plan = await self._plan(state, await state.backend.models(max_age_s=ROOM_POLL_S))
-            return "free" if plan is None or entry.name in plan.go else "queued"
+            return "free" if await self._fits_alone(state, me) else "queued"
         self._count_rewake(state, entry.name)
-        me = _Waiting(entry.name, entry.spec.gpu_fraction, priority, time.time())
         self._waiting.append(me)
         started, waited = time.monotonic(), False
         try:
@@ -135,14 +134,18 @@ class RoomQueue:
                     raise model_failed(entry.name, current.message, state.spec.retry_after_s)
                 if current.state is not ModelState.COLD or self._holds_grant(entry.name):
                     return "evicted" if waited else "joined"
-                plan = await self._plan(state, models)
-                if plan is None or entry.name in plan.go:
-                    if plan is not None:
-                        self._granted[entry.name] = (plan.go[entry.name], time.monotonic())
-                    return "evicted" if waited else "free"
-                look.busy, waited = entry.name in plan.blocked, True
-                if entry.name in plan.asks:
-                    await _ask(state, entry.name, plan.asks[entry.name], "waiting_request", self._evicted)
+                try:
+                    plan = await self._plan(state, models)
+                    if plan is None or entry.name in plan.go:
+                        if plan is not None:
+                            self._granted[entry.name] = (plan.go[entry.name], time.monotonic())
+                        return "evicted" if waited else "free"
+                    look.busy = entry.name in plan.blocked
+                    if entry.name in plan.asks:
+                        await _ask(state, entry.name, plan.asks[entry.name], "waiting_request", self._evicted)
+                except Exception as err:  # noqa: BLE001 - the GCS or the node list is back soon: look again
+                    logger.warning("pool: could not make room for %s: %s", entry.name, err)
+                waited = True
                 await asyncio.sleep(ROOM_POLL_S)
                 models = await state.backend.models(max_age_s=ROOM_POLL_S)
         finally:
@@ -150,12 +153,22 @@ class RoomQueue:
             if waited:  # it did wait for a slot, not only look
                 state.obs.slot_wait(entry.name, time.monotonic() - started)
 
+    async def _fits_alone(self, state: GatewayState, me: _Waiting) -> bool:
+        """Whether ``me`` fits on a node now (eviction off: nothing is asked or held)."""
+        try:
+            plan = await self._plan(state, await state.backend.models(max_age_s=ROOM_POLL_S), [me])
+        except Exception:  # noqa: BLE001 - only a label depends on it
+            return True
+        return plan is None or me.model in plan.go
+
     def _holds_grant(self, model: str) -> bool:
         """Whether this gateway let ``model`` wake a moment ago (its replica is not listed yet)."""
         granted = self._granted.get(model)
         return granted is not None and time.monotonic() - granted[1] < GRANT_HOLD_S
 
-    async def _plan(self, state: GatewayState, models: Mapping[str, ModelEntry]) -> RoomPlan | None:
+    async def _plan(
+        self, state: GatewayState, models: Mapping[str, ModelEntry], waiting: list[_Waiting] | None = None
+    ) -> RoomPlan | None:
         """The pool's plan for this gateway's waiting models; None when it has no GPU to plan."""
         capacity = await state.capacity()
         if not capacity:
@@ -171,7 +184,10 @@ class RoomQueue:
                 del self._granted[model]
             elif node in free:
                 free[node] -= entry.spec.gpu_fraction if entry.spec else 0.0
-        waiters = [Waiter(w.model, w.fraction, w.priority, w.arrival, coming(models, w.model)) for w in self._waiting]
+        waiters = [
+            Waiter(w.model, w.fraction, w.priority, w.arrival, coming(models, w.model))
+            for w in (self._waiting if waiting is None else waiting)
+        ]
         return plan_room(waiters, free, residents(state, models), time.time())
 
     def _count_rewake(self, state: GatewayState, model: str) -> None:
@@ -181,15 +197,17 @@ class RoomQueue:
             state.obs.rewake(model)
 
 
-def coming(models: Mapping[str, ModelEntry], model: str) -> float:
-    """The GPUs that models asked a moment ago to yield to ``model`` will free. An ask older than
-    ``YIELD_FRESH_S`` is not counted: its victim found work meanwhile, and others may be asked."""
+def coming(models: Mapping[str, ModelEntry], model: str) -> dict[str, float]:
+    """The GPUs per node that models asked a moment ago to yield to ``model`` will free. An ask
+    older than ``YIELD_FRESH_S`` is not counted: its victim found work meanwhile, and others may
+    be asked."""
     now = time.time()
-    return sum(
-        e.spec.gpu_fraction
-        for e in models.values()
-        if e.yielding_to == model and e.spec is not None and now - e.yield_asked_at < YIELD_FRESH_S
-    )
+    out: dict[str, float] = {}
+    for e in models.values():
+        if e.yielding_to == model and e.spec is not None and now - e.yield_asked_at < YIELD_FRESH_S:
+            for node in e.replica_nodes:
+                out[node] = out.get(node, 0.0) + e.spec.gpu_fraction
+    return out
 
 
 async def _ask(
@@ -225,13 +243,16 @@ async def make_room(state: GatewayState, entry: ModelEntry, models: Mapping[str,
     """
     if entry.spec is None or entry.state is ModelState.READY or not state.spec.evict_idle_models:
         return []
+    if entry.replica_nodes or entry.starting_nodes:
+        return []  # placed: it holds its slice already
     capacity = await state.capacity()
     if not capacity:
         return []
-    if coming(models, entry.name) + 1e-9 >= entry.spec.gpu_fraction:
-        return []  # its victims are on their way out
     used = gpus_in_use(models)
     free = {node: gpus - used.get(node, 0.0) for node, gpus in capacity.items()}
+    on_the_way = coming(models, entry.name)
+    if any(free.get(n, 0.0) + g + EPSILON >= entry.spec.gpu_fraction for n, g in on_the_way.items()):
+        return []  # its victims are on their way out
     victims = choose_victims(entry.spec.gpu_fraction, free, residents(state, models), time.time())
     if victims is None:
         return None
