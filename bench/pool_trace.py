@@ -149,8 +149,8 @@ def main() -> None:
         f"`bench/pool_trace.py --minutes {args.minutes:g} --rate {args.rate:g} --seed {args.seed}`, commit {commit}; "
         f"{machine()}.",
         "Sixteen copies of tiny-sentiment at 0.25 on one logical GPU (four slices), one-minute idle delay,",
-        f"`min_hold_s` 10 s; {len(trace)} requests, Poisson arrivals at {args.rate:g}/s, Zipf popularity "
-        f"(s = {ZIPF_S}), the same trace with the pool's eviction on and off, one after the other on fresh",
+        f"`min_hold_s` 10 s; {len(trace)} requests, Poisson arrivals at {args.rate:g}/s, Zipf popularity",
+        f"(s = {ZIPF_S}); the same trace with the pool's eviction on and off, one after the other on fresh",
         f"applications; cold-start bound {BOUND_S:.0f} s. Classes from the gateway's `X-Zeroserve-Wake`;",
         "seconds from request to answer.",
         "",
