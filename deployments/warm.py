@@ -48,6 +48,8 @@ WARM_ACTOR = "warm"
 BUDGET_KEY = b"host_cache_gb"
 DEFAULT_BUDGET_GB = 16.0
 _GB = 1024**3
+# Serve creates deployment actors, named, in its own namespace (deployment_state.py, Ray 2.60).
+SERVE_NAMESPACE = "serve"
 
 
 def fingerprint(source: str) -> str:
@@ -93,8 +95,7 @@ class WarmModel:
         self.bytes = 0
         self.timings: dict[str, float] = {}
         self.node = ray.get_runtime_context().get_node_id()
-        # Serve names it and creates it in its own namespace (SERVE_NAMESPACE, deployment_state.py).
-        self.me = (ray.get_runtime_context().get_actor_name(), "serve")
+        self.name = ray.get_runtime_context().get_actor_name()
         self._lock: asyncio.Lock | None = None
         started = time.perf_counter()
         import torch  # noqa: F401 - the imports are what a warm process saves every wake
@@ -250,8 +251,7 @@ class WarmModel:
         _kv()._internal_kv_del(self._key(), namespace=NAMESPACE)
 
     def _key(self) -> bytes:
-        name, namespace = self.me
-        return f"warm:{self.node}:{namespace}:{name}".encode()
+        return f"warm:{self.node}:{self.name}".encode()
 
     def _keep_budget(self) -> bool:
         """Drop the least recently used warm copies on this node that no replica is attached
@@ -270,10 +270,10 @@ class WarmModel:
                 break
             if key == self._key() or entry["attached"]:
                 continue
-            namespace, name = key.decode().split(":", 3)[2:]
+            name = key.decode().split(":", 2)[2]
             dropped: bool
             try:
-                dropped = bool(ray.get(ray.get_actor(name, namespace=namespace).drop.remote(), timeout=5))
+                dropped = bool(ray.get(ray.get_actor(name, namespace=SERVE_NAMESPACE).drop.remote(), timeout=5))
             except (ValueError, ray.exceptions.RayActorError):  # its actor is gone: so is its copy
                 logger.info("warm: the copy of %s is gone with its actor", name)
                 kv._internal_kv_del(key, namespace=NAMESPACE)

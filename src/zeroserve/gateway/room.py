@@ -173,9 +173,7 @@ class RoomQueue:
         capacity = await state.capacity()
         if not capacity:
             return None
-        free = dict(capacity)
-        for node, used in gpus_in_use(models).items():
-            free[node] = free.get(node, 0.0) - used
+        free = free_gpus(capacity, models)
         now = time.monotonic()
         for model, (node, at) in list(self._granted.items()):
             entry = models.get(model)
@@ -195,6 +193,12 @@ class RoomQueue:
         if evicted is not None and time.time() - evicted < REWAKE_WINDOW_S:
             logger.info("pool: %s wakes %.0f s after it was evicted", model, time.time() - evicted)
             state.obs.rewake(model)
+
+
+def free_gpus(capacity: Mapping[str, float], models: Mapping[str, ModelEntry]) -> dict[str, float]:
+    """The GPUs free per live node: its GPUs less the fractions its placed replicas hold."""
+    used = gpus_in_use(models)
+    return {node: gpus - used.get(node, 0.0) for node, gpus in capacity.items()}
 
 
 def coming(models: Mapping[str, ModelEntry], model: str) -> dict[str, float]:
@@ -248,8 +252,7 @@ async def make_room(state: GatewayState, entry: ModelEntry, models: Mapping[str,
     capacity = await state.capacity()
     if not capacity:
         return []
-    used = gpus_in_use(models)
-    free = {node: gpus - used.get(node, 0.0) for node, gpus in capacity.items()}
+    free = free_gpus(capacity, models)
     on_the_way = coming(models, entry.name)
     if any(free.get(n, 0.0) + g + EPSILON >= entry.spec.gpu_fraction for n, g in on_the_way.items()):
         return []  # its victims are on their way out
