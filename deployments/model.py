@@ -18,7 +18,7 @@ from ray.serve import Application
 from ray.serve.config import DeploymentActorConfig
 
 from deployments.metrics import ReplicaMetrics
-from deployments.warm import WARM_ACTOR, WarmCopyElsewhere, WarmEngine, WarmModel
+from deployments.warm import WARM_ACTOR, NoWarmCopy, WarmEngine, WarmModel
 from zeroserve.config import ModelSpec, parse_model_spec
 from zeroserve.engines import Classification, Embedding, Engine, create_engine
 from zeroserve.errors import ModelUnavailableError
@@ -72,20 +72,21 @@ class ModelServer:
 
     async def _engine(self, engine_factory: Callable[..., Engine] | None) -> Engine:
         """The model's warm copy attached (deployments/warm.py), or an engine built here: when
-        the model is not in the warm tier, or its copy is on another node than this replica."""
+        the model is not in the warm tier, or its copy refused (on another node than this
+        replica, or a vLLM model on a GPU)."""
         if engine_factory is None and self.spec.uses_warm_tier:
             warm = WarmEngine(self.name)
             try:
                 await warm.start()
                 return warm
-            except WarmCopyElsewhere as err:
+            except NoWarmCopy as err:
                 logger.info("%s; building the model in this replica", err)
         engine = (engine_factory or create_engine)(self.spec, self.name)
         await engine.start()
         return engine
 
-    def check_health(self) -> None:
-        self.engine.health()
+    async def check_health(self) -> None:
+        await self.engine.ahealth()
 
     async def __del__(self) -> None:
         """Serve stops the replica: a warm copy is told it may be dropped again."""
@@ -182,15 +183,15 @@ class ModelServer:
                     yield chunk
         yield Meter(work.engine_s * self.spec.gpu_fraction)
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """Start-up timings and recent batch sizes (for benchmarks and operators)."""
         return {
+            **await self.engine.astats(),
             "started_at": self.started_at,
             "ready_at": self.ready_at,
             "engine_timings": dict(getattr(self.engine, "timings", {})),
             "start_path": getattr(self.engine, "path", "") or "cold",
             "batch_sizes": list(self.batch_sizes),
-            "peak_running_requests": getattr(self.engine, "peak_running_requests", None),
         }
 
 

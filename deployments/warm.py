@@ -13,6 +13,12 @@ from the GCS) of weights; the least recently used copies that no replica is atta
 dropped first, and a dropped model is built again on its next wake (the slow path, correct).
 A warm copy remembers the files it was built from: a changed folder is built again on attach.
 
+vLLM models are kept warm too: the copy holds vLLM's engine (its engine core a child process)
+and its OpenAI layer, and the replica forwards each OpenAI request to it. That is only on the
+CPU platform: on a GPU a vLLM engine holds its KV cache on the card while it lives, which a
+detached copy must not (vLLM's sleep mode is the way; it is not written until it can be tested
+on a GPU), so there the copy refuses and the replica starts its own engine as before.
+
 The cost is one Ray call per request (replica to warm actor) and per streamed message; see
 docs/architecture.md ("The warm tier") for what was measured.
 """
@@ -35,11 +41,13 @@ from ray import serve
 from deployments.pool_policy import NAMESPACE
 from zeroserve.config import ModelSpec, resolve_model_source
 from zeroserve.engines import Classification, Embedding, Engine, create_engine
+from zeroserve.errors import ModelUnavailableError
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
+from zeroserve.streams import coalesce
 from zeroserve.wire import Accepted, Delta
 
-__all__ = ["BUDGET_KEY", "WARM_ACTOR", "WarmCopyElsewhere", "WarmEngine", "WarmModel", "fingerprint"]
+__all__ = ["BUDGET_KEY", "WARM_ACTOR", "NoWarmCopy", "WarmEngine", "WarmModel", "fingerprint"]
 
 logger = logging.getLogger("zeroserve.warm")
 
@@ -48,6 +56,9 @@ WARM_ACTOR = "warm"
 BUDGET_KEY = b"host_cache_gb"
 DEFAULT_BUDGET_GB = 16.0
 _GB = 1024**3
+# A copy rebuilt (its files changed) while a replica was attached: the old engine's requests
+# have this long to finish before it is closed.
+OLD_ENGINE_GRACE_S = 60.0
 # Serve creates deployment actors, named, in its own namespace (deployment_state.py, Ray 2.60).
 SERVE_NAMESPACE = "serve"
 
@@ -96,20 +107,33 @@ class WarmModel:
         self.timings: dict[str, float] = {}
         self.node = ray.get_runtime_context().get_node_id()
         self.name = ray.get_runtime_context().get_actor_name()
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # an async actor's constructor runs in its event loop
+        self.refused = ""
         started = time.perf_counter()
         import torch  # noqa: F401 - the imports are what a warm process saves every wake
         import transformers  # noqa: F401
 
+        if self.spec.engine == "vllm":
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                self.refused = "vLLM models keep their engine in the replica on a GPU"
         self.import_s = time.perf_counter() - started
-        # Built now, so that even the first wake attaches (unless the node's budget is full). A
-        # model that does not build stays unbuilt: its wake builds it again and fails as itself
-        # (the replica's constructor), as a model without a warm copy would.
-        try:
-            self._build(fingerprint(resolve_model_source(self.spec)), waking=False)
-        except Exception as err:  # noqa: BLE001 - reported by the wake that needs it
-            logger.warning("warm: %s was not built ahead of its wake: %s", self.app, err)
-            self.engine, self.built_from, self.bytes = None, "", 0
+        # Built now, so that even the first wake attaches (unless the node's budget is full).
+        self._prebuild: asyncio.Task[None] | None = None
+        if not self.refused:
+            self._prebuild = asyncio.get_running_loop().create_task(self._build_ahead())
+
+    async def _build_ahead(self) -> None:
+        """A model that does not build stays unbuilt: its wake builds it again and fails as itself
+        (the replica's constructor), as a model without a warm copy would."""
+        async with self._lock:
+            try:
+                source = resolve_model_source(self.spec)
+                await self._build(await asyncio.to_thread(fingerprint, source), waking=False)
+            except Exception as err:  # noqa: BLE001 - reported by the wake that needs it
+                logger.warning("warm: %s was not built ahead of its wake: %s", self.app, err)
+                await self._forget()
 
     @property
     def attached(self) -> int:
@@ -121,29 +145,37 @@ class WarmModel:
         Args:
             replica: the replica's id (attaching again is one attach).
             node: the replica's node. A copy on another node cannot serve it (its GPU slice is
-                there): it is refused (``elsewhere``), and the replica builds its own engine.
+                there): it is refused, and the replica builds its own engine.
 
         Returns:
-            ``path`` ("warm": it was built already; "cold": built now; "changed": rebuilt because
-            its files changed), the build's timings, and ``elsewhere``.
+            ``path`` ("warm": it was built already; "cold": built now, or again because its
+            engine died; "changed": rebuilt because its files changed), the build's timings, and
+            ``refused`` (why the replica must build its own engine; empty when attached).
         """
         if node != self.node:
-            return {"elsewhere": True, "node": self.node}
-        async with self._locked():
+            return {"refused": f"the warm copy of {self.app} is on node {self.node[:12]}"}
+        if self.refused:
+            return {"refused": self.refused}
+        if self._prebuild is not None:
+            await asyncio.shield(self._prebuild)
+        async with self._lock:
             self.replicas.add(replica)
             self.last_used = time.time()
             source = resolve_model_source(self.spec)
             now = await asyncio.to_thread(fingerprint, source)
             path = "warm"
+            if self.engine is not None and not self._healthy():
+                logger.warning("warm: the engine of %s died; building it again", self.app)
+                await self._forget()
             if self.engine is None or now != self.built_from:
                 path = "cold" if self.engine is None else "changed"
-                await asyncio.to_thread(self._build, now, True)
+                await self._build(now, waking=True)
             # Now the most recently used: the node's least recently used copies make room.
             await asyncio.to_thread(self._keep_budget)
             if gpu_ids:  # the replica's GPU slice: the copy moves there while it is attached
                 await asyncio.to_thread(self._place, f"cuda:{int(gpu_ids[0])}")
             return {
-                "elsewhere": False,
+                "refused": "",
                 "path": path,
                 "timings": dict(self.timings),
                 "import_s": self.import_s,
@@ -152,7 +184,7 @@ class WarmModel:
 
     async def detach(self, replica: str) -> None:
         """A replica stopped: the model stays warm, and may be dropped under the budget."""
-        async with self._locked():
+        async with self._lock:
             self.replicas.discard(replica)
             self.last_used = time.time()
             if not self.attached:
@@ -162,15 +194,13 @@ class WarmModel:
     async def drop(self) -> bool:
         """Leave the warm tier (frees the host memory) unless a replica is attached or it is busy
         attaching (never waits: another copy's build is waiting for the answer)."""
-        if self._locked().locked():
+        if self._lock.locked():
             return False
-        async with self._locked():
+        async with self._lock:
             if self.attached or self.engine is None:
                 return False
             logger.info("warm: %s leaves the warm tier (%.0f MB)", self.app, self.bytes / 2**20)
-            self.engine, self.built_from, self.bytes = None, "", 0
-            gc.collect()
-            self._unregister()
+            await self._forget()
             return True
 
     async def info(self) -> dict[str, Any]:
@@ -200,15 +230,51 @@ class WarmModel:
         async for message in self._engine().stream(prompt, params):
             yield message
 
+    async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """An OpenAI request for vLLM's own layer; the SSE lines already waiting go as one message
+        (each message is a Ray object on the way to the replica)."""
+        engine = self._engine()
+        try:
+            async for message in coalesce(engine.openai(endpoint, body)):
+                yield message
+        except Exception as err:
+            if self._healthy():
+                raise
+            # The replica's health check fails next and Serve replaces it; the new one's attach
+            # builds the engine again. Until then the request is one to retry.
+            raise ModelUnavailableError(
+                f"model '{self.app}' lost its engine; its replica is being replaced, retry",
+                code="engine_dead",
+                retry_after_s=5,
+            ) from err
+
     async def health(self) -> None:
+        """Raises when the engine an attached replica serves with died (vLLM's engine core)."""
         if self.engine is not None:
             self.engine.health()
 
+    async def stats(self) -> dict[str, Any]:
+        return {"peak_running_requests": getattr(self.engine, "peak_running_requests", None)}
+
     # -- inside -----------------------------------------------------------------------
-    def _locked(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
+    def _healthy(self) -> bool:
+        try:
+            self._engine().health()
+            return True
+        except Exception:  # noqa: BLE001 - any failure: the engine is gone
+            return False
+
+    async def _forget(self) -> None:
+        """Let the built engine go (an engine with processes of its own is shut down first)."""
+        engine, self.engine, self.built_from, self.bytes = self.engine, None, "", 0
+        if engine is not None:
+            try:
+                await engine.close()
+            except Exception as err:  # noqa: BLE001 - a dead engine's processes are gone already
+                logger.warning("warm: closing the engine of %s: %r", self.app, err)
+        del engine
+        gc.collect()
+        self._unregister()
 
     def _place(self, device: str) -> None:
         """Move the copy to ``device``; a logical GPU (no CUDA on the node: the CPU demo) is the host."""
@@ -223,23 +289,27 @@ class WarmModel:
             raise RuntimeError(f"model '{self.app}' is not attached to its warm copy")
         return self.engine
 
-    def _build(self, built_from: str, waking: bool) -> None:
-        """Build the model in host memory (a worker thread, or the constructor), then keep the
-        node's budget; a copy built ahead of a wake is dropped again if it does not fit."""
+    async def _build(self, built_from: str, waking: bool) -> None:
+        """Build the model in host memory, then keep the node's budget; a copy built ahead of a
+        wake is dropped again if it does not fit."""
+        old = self.engine
         if not self.replicas:  # nobody uses the old one: free it before building the new one
-            self.engine, self.built_from, self.bytes = None, "", 0
-            gc.collect()
+            await self._forget()
+            old = None
         started = time.perf_counter()
         engine = create_engine(self.spec, self.app)
         engine.host_only = True  # type: ignore[attr-defined]  # on a GPU only while attached
-        engine.load()
+        if self.spec.engine == "vllm":
+            await engine.start()  # vLLM's engine lives in this event loop
+        else:
+            await asyncio.to_thread(engine.load)
         self.engine, self.built_from = engine, built_from
+        if old is not None:  # rebuilt under a replica still attached: its requests end first
+            asyncio.get_running_loop().create_task(_close_later(old, OLD_ENGINE_GRACE_S))
         self.timings = {**getattr(engine, "timings", {}), "build_s": time.perf_counter() - started}
         self.bytes = int(getattr(engine, "host_bytes", lambda: 0)())
-        if not waking and not self._keep_budget():
-            self.engine, self.built_from, self.bytes = None, "", 0
-            self._unregister()
-            gc.collect()
+        if not waking and not await asyncio.to_thread(self._keep_budget):
+            await self._forget()
 
     def _register(self) -> None:
         if self.engine is None:
@@ -292,8 +362,17 @@ class WarmModel:
         return total <= budget
 
 
-class WarmCopyElsewhere(Exception):
-    """The model's warm copy is on another node than this replica (its GPU slice is here)."""
+async def _close_later(engine: Engine, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    try:
+        await engine.close()
+    except Exception as err:  # noqa: BLE001 - logged: nothing waits for it
+        logger.warning("warm: closing a replaced engine: %r", err)
+
+
+class NoWarmCopy(Exception):
+    """The model's warm copy cannot serve this replica: it is on another node than the replica
+    (whose GPU slice is here), or it is a vLLM model on a GPU."""
 
 
 class WarmEngine(Engine):
@@ -317,7 +396,7 @@ class WarmEngine(Engine):
         every 10 s): until then its name may still resolve to the dead actor, so this retries.
 
         Raises:
-            WarmCopyElsewhere: the copy is on another node (the replica builds its own engine).
+            NoWarmCopy: the copy refused (the replica builds its own engine).
         """
         started = time.perf_counter()
         while True:
@@ -331,8 +410,8 @@ class WarmEngine(Engine):
                 if time.perf_counter() - started > timeout_s:
                     raise
                 await asyncio.sleep(0.5)
-        if info["elsewhere"]:
-            raise WarmCopyElsewhere(f"the warm copy of {self.app} is on node {info['node'][:12]}")
+        if info["refused"]:
+            raise NoWarmCopy(info["refused"])
         self.path = info["path"]
         self.timings = {**info["timings"], "attach_s": time.perf_counter() - started}
         logger.info("%s attached to its warm copy (%s path) in %.2f s", self.app, self.path, self.timings["attach_s"])
@@ -346,8 +425,14 @@ class WarmEngine(Engine):
 
     def health(self) -> None:
         # The warm actor's own health is the controller's (it recreates it); a call that finds it
-        # dead attaches to the new one (_call).
+        # dead attaches to the new one (_call). Its engine's health is ahealth's.
         return None
+
+    async def ahealth(self) -> None:
+        await self._call("health")
+
+    async def astats(self) -> dict[str, Any]:
+        return await self._call("stats")  # type: ignore[no-any-return]
 
     async def acheck_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
         await self._call("check_inputs", list(texts), dimensions)
@@ -362,11 +447,19 @@ class WarmEngine(Engine):
         return await self._call("classify", list(texts))  # type: ignore[no-any-return]
 
     async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
+        async for message in self._stream("stream", prompt, params):
+            yield message
+
+    async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        async for message in self._stream("openai", endpoint, body):
+            yield message
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
         started = False
         for attempt in (0, 1):
             generator = None
             try:
-                generator = self.handle.stream.options(num_returns="streaming").remote(prompt, params)
+                generator = getattr(self.handle, method).options(num_returns="streaming").remote(*args)
                 async for ref in generator:
                     started = True
                     yield await ref

@@ -148,8 +148,8 @@ class ModelSpec(_Strict):
     )
     warm: bool = Field(
         default=True,
-        description="Keep the model built in host memory between wakes (the warm tier; transformers "
-        "engines): a wake attaches to it instead of building it.",
+        description="Keep the model built in host memory between wakes (the warm tier): a wake "
+        "attaches to it instead of building it. vLLM models on a GPU build in the replica.",
     )
     vllm: VLLMOptions | None = None
     weights_gb: float | None = Field(
@@ -188,8 +188,8 @@ class ModelSpec(_Strict):
 
     @property
     def uses_warm_tier(self) -> bool:
-        """Whether its replicas attach to a warm copy (transformers engines with ``warm``)."""
-        return self.warm and self.engine == "transformers"
+        """Whether its replicas attach to a warm copy (``warm``; a vLLM copy refuses on a GPU)."""
+        return self.warm
 
     @property
     def never_yields(self) -> bool:

@@ -116,34 +116,43 @@ def test_concurrent_requests_are_batched(vllm_pool: Pool, ray_driver: None) -> N
     assert stats["peak_running_requests"] >= 2, stats
 
 
-def test_vllm_model_scales_to_zero_and_wakes(vllm_pool: Pool) -> None:
+def test_vllm_model_scales_to_zero_and_wakes_into_its_warm_copy(vllm_pool: Pool, ray_driver: None) -> None:
+    """On the CPU platform the vLLM engine stays built in the model's warm copy between wakes."""
+    from ray import serve
+
     wait_for(lambda: vllm_pool.replicas(VLLM) == [], 120, "the vLLM model to scale to zero")
     out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
     assert out.choices[0].text
+    assert serve.get_app_handle(VLLM).stats.remote().result(timeout_s=60)["start_path"] == "warm"
 
 
-def test_a_dead_engine_core_fails_health_and_the_replica_is_replaced(vllm_pool: Pool) -> None:
-    """vLLM's engine core is its own process; when it dies (OOM killer, a crash) the replica's
-    health check fails and Serve replaces the replica. Requests meanwhile get a clear error."""
+def _warm_copy_pid(app: str) -> int:
+    from ray.util.state import list_actors
+
+    (actor,) = [
+        a
+        for a in list_actors(filters=[("class_name", "=", "WarmModel"), ("state", "=", "ALIVE")], limit=1000)
+        if f"::{app}::" in (a.name or "")
+    ]
+    return int(actor.pid)
+
+
+def _kill_engine_core_then_served_again(pool: Pool, owner_pid: int, replica_id: str) -> None:
+    """Kill vLLM's engine core (a child process of ``owner_pid``): a request meanwhile gets a clear
+    503 to retry (or a 200 once replaced), Serve replaces the replica whose health check fails,
+    and the model answers again."""
     import signal
 
     import httpx
     import psutil
 
-    # Held at one replica: a replacement can only come from the failure, not from traffic.
-    held = vllm_pool.models(VLLM, autoscaling=WARM)
-    vllm_pool.deploy(vllm_pool.config(held), timeout_s=300)
-    wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
-    client = vllm_pool.openai(timeout=300)
-    assert client.completions.create(model=VLLM, prompt="The", max_tokens=2).choices[0].text
-    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
-    cores = psutil.Process(replica["pid"]).children(recursive=True)
-    assert cores, "the vLLM engine core runs in a child process of the replica"
+    cores = psutil.Process(owner_pid).children(recursive=True)
+    assert cores, "the vLLM engine core runs in a child process"
     for proc in cores:
         proc.send_signal(signal.SIGKILL)
 
     body = {"model": VLLM, "prompt": "The", "max_tokens": 2}
-    resp = httpx.post(f"{vllm_pool.base_url}/v1/completions", json=body, timeout=120)
+    resp = httpx.post(f"{pool.base_url}/v1/completions", json=body, timeout=120)
     assert resp.status_code in (200, 503), resp.text  # 200 only if the replacement already serves
     if resp.status_code == 503:
         error = resp.json()["error"]
@@ -151,9 +160,36 @@ def test_a_dead_engine_core_fails_health_and_the_replica_is_replaced(vllm_pool: 
         assert error["code"] in ("engine_dead", "replica_died"), error
 
     def replaced() -> bool:
-        ids = vllm_pool.running_replica_ids(VLLM)
-        return bool(ids) and replica["replica_id"] not in ids
+        ids = pool.running_replica_ids(VLLM)
+        return bool(ids) and replica_id not in ids
 
     wait_for(replaced, 240, "Serve to replace the replica whose health check failed")
-    out = client.completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
+    out = pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=3, temperature=0)
     assert out.choices[0].text
+
+
+def test_a_dead_engine_core_in_the_warm_copy_is_built_again(vllm_pool: Pool, ray_driver: None) -> None:
+    """vLLM's engine core is its own process; when it dies (OOM killer, a crash) the replica's
+    health check asks the warm copy, fails, and Serve replaces the replica, whose attach builds
+    the engine again. Requests meanwhile get a clear error."""
+    # Held at one replica: a replacement can only come from the failure, not from traffic.
+    vllm_pool.deploy(vllm_pool.config(vllm_pool.models(VLLM, autoscaling=WARM)), timeout_s=300)
+    wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
+    assert vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The", max_tokens=2).choices[0].text
+    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
+    _kill_engine_core_then_served_again(vllm_pool, _warm_copy_pid(VLLM), replica["replica_id"])
+
+
+def test_a_vllm_model_not_kept_warm_runs_its_engine_in_the_replica(vllm_pool: Pool, ray_driver: None) -> None:
+    """``warm: false`` (and every vLLM model on a GPU, where the copy refuses): the replica starts
+    vLLM itself, as a dead engine core there shows."""
+    from ray import serve
+
+    cold = vllm_pool.models(VLLM, autoscaling=WARM, warm=False)
+    vllm_pool.deploy(vllm_pool.config(cold), timeout_s=300)
+    wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
+    out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0)
+    assert out.choices[0].text == _transformers_greedy("The quick", 16)[0]
+    assert serve.get_app_handle(VLLM).stats.remote().result(timeout_s=60)["start_path"] == "cold"
+    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
+    _kill_engine_core_then_served_again(vllm_pool, replica["pid"], replica["replica_id"])

@@ -90,6 +90,17 @@ class Engine(abc.ABC):
         """The replica stops (an engine elsewhere is told; one in this process goes with it)."""
         return None
 
+    async def close(self) -> None:
+        """Free what the engine holds (its processes, its memory); it serves no more."""
+        return None
+
+    async def ahealth(self) -> None:
+        self.health()
+
+    async def astats(self) -> dict[str, Any]:
+        """What the engine counts (vLLM: the most requests that ran in one step)."""
+        return {"peak_running_requests": getattr(self, "peak_running_requests", None)}
+
     def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
         """:class:`~zeroserve.wire.Accepted` once the prompt passed the checks, then the deltas."""
         raise NotImplementedError

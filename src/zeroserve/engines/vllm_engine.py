@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from zeroserve.config import ModelSpec, VLLMOptions, resolve_model_source
@@ -169,6 +170,21 @@ class VLLMEngine(Engine):
         self._handlers = self._openai_handlers(self.state)
         logger.info("vLLM ready for %s (tasks %s) in %.1f s", self.name, tasks, time.perf_counter() - start)
 
+    def host_bytes(self) -> int:
+        """Host memory it holds on the CPU platform: its weights and its KV cache (the warm tier's
+        budget counts it); on a GPU both are on the card."""
+        if self.device != "cpu":
+            return 0
+        weights = sum(f.stat().st_size for f in _weight_files(self.source))
+        kv = (self.spec.vllm or VLLMOptions()).cpu_kv_cache_space_gb * 1024**3
+        return int(weights + kv)
+
+    async def close(self) -> None:
+        """Stop vLLM's engine (its engine core process); this engine serves no more."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.shutdown()
+
     def health(self) -> None:
         if self.client is None:
             raise RuntimeError("engine not started")
@@ -232,6 +248,11 @@ class VLLMEngine(Engine):
         yield OpenAIStream()
         async for line in result:
             yield line
+
+
+def _weight_files(source: str) -> list[Path]:
+    root = Path(source)
+    return [f for f in root.glob("*") if f.suffix in (".safetensors", ".bin", ".pt")] if root.is_dir() else []
 
 
 def _error_from_vllm(code: int, message: str, param: str | None, model: str | None = None) -> ZeroserveError:
