@@ -9,10 +9,15 @@ In one run, on one cluster:
 - **slow path**: the warm copy was dropped first (as the host-memory budget drops one); the
   wake attaches and the copy builds the model (imports are already done in its process).
 - **fresh process**: a new Python process that imports torch and transformers, loads the same
-  folder and answers one request (what the pool is measured against).
+  folder and answers one request (what the pool is measured against); for the vLLM model,
+  **vLLM's own OpenAI server** with the same engine arguments, from launch to its first answer.
 - **thin replica**: a Serve deployment at the same GPU fraction that imports nothing, woken
   from zero through a handle (the floor of any wake that starts a replica here).
-- what a warm copy holds: its process's resident memory and its weights' bytes.
+- what a warm copy holds: its process's resident memory (with its children: vLLM's engine core)
+  and the bytes the budget counts (weights; vLLM on CPU also its KV cache).
+- **per request**: with every model awake, sequential requests through the gateway served by
+  the warm copy (one more Ray call per request and per streamed message) against the same
+  models with ``warm: false`` (the engine in the replica), in the same run.
 
     .venv/bin/python bench/cold_start.py [--rounds 3]
 """
@@ -20,6 +25,7 @@ In one run, on one cluster:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -28,12 +34,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, head_commit, machine, publish, wait
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, wait
 
-REQUESTS = {
+from zeroserve.cluster import free_port
+from zeroserve.config import parse_model_spec
+from zeroserve.engines.vllm_engine import vllm_cli_args
+
+REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-MiniLM-L6-v2": ("/v1/embeddings", {"input": "hello world", "encoding_format": "float"}),
     "tiny-sentiment": ("/v1/classify", {"input": "I love it"}),
     "tiny-llama": ("/v1/completions", {"prompt": "The quick", "max_tokens": 8, "temperature": 0}),
+    "tiny-llama-vllm": ("/v1/completions", {"prompt": "The quick", "max_tokens": 8, "temperature": 0}),
+}
+VLLM = "tiny-llama-vllm"
+# Per request: the vLLM model streams 32 tokens (a message per token on every hop).
+PER_REQUEST: dict[str, tuple[str, dict[str, Any]]] = {
+    **REQUESTS,
+    VLLM: (
+        "/v1/completions",
+        {"prompt": "The quick", "max_tokens": 32, "temperature": 0, "stream": True, "ignore_eos": True},
+    ),
 }
 FAST = {
     "downscale_delay_s": 1,
@@ -71,10 +91,69 @@ def fresh_process(model: str) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of a process and its children (vLLM's engine core)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def vllm_server_first_answer(args: dict[str, Any]) -> float:
+    """vLLM's own OpenAI server with the engine arguments zeroserve gives vLLM: seconds from launch
+    to its first answer."""
+    spec = parse_model_spec(args, VLLM)
+    assert spec.vllm is not None
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
+    argv = vllm_cli_args(spec, VLLM, str(ROOT / "models" / "tiny-llama"), cuda=False, total_bytes=None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1"]
+    route, body = REQUESTS[VLLM]
+    start = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}{route}"
+        wait(lambda: httpx.post(url, json={"model": VLLM, **body}, timeout=30).status_code == 200, 600)
+        return time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def per_request(port: int, n: int, path: str) -> dict[str, list[float]]:
+    """Milliseconds of ``n`` sequential requests to each model (awake, its replica started by the
+    ``path`` given: the redeploy's new replicas), after 5 to warm up."""
+    http = httpx.Client(timeout=300)
+    out: dict[str, list[float]] = {}
+    for model, (route, body) in PER_REQUEST.items():
+        url = f"http://127.0.0.1:{port}{route}"
+        wait(lambda model=model: _settled(model, path), 600)  # type: ignore[misc]
+        samples = []
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            with http.stream("POST", url, json={"model": model, **body}) as resp:
+                resp.raise_for_status()
+                for _ in resp.iter_bytes():
+                    pass
+            if i >= 5:
+                samples.append((time.perf_counter() - t0) * 1000)
+        out[model] = samples
+    return out
+
+
+def _settled(model: str, path: str) -> bool:
+    """One replica of ``model``, running, and started by ``path`` (a redeploy's old one is gone)."""
+    from ray import serve
+
+    states = serve.status().applications[model].deployments["ModelServer"].replica_states
+    started = serve.get_app_handle(model).stats.remote().result()["start_path"]
+    return bool(states == {"RUNNING": 1} and started == path)
+
+
+def awake_config(port: int, warm: bool) -> dict[str, Any]:
+    cfg = demo_config(port, {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}, only=tuple(REQUESTS))
+    for app in cfg["applications"][1:]:
+        app["args"]["warm"] = warm
+    return cfg
 
 
 def warm_actors(c: Any) -> dict[str, Any]:
@@ -133,6 +212,7 @@ def thin_wakes(rounds: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-request", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     import ray
@@ -142,6 +222,7 @@ def main() -> None:
     slow: dict[str, list[dict[str, Any]]] = {m: [] for m in REQUESTS}
     fresh: dict[str, list[float]] = {m: [] for m in REQUESTS}
     memory: dict[str, tuple[float, int]] = {}
+    latency: dict[bool, dict[str, list[float]]] = {}
     with cluster() as (c, port):
         deploy(c, demo_config(port, FAST, only=tuple(REQUESTS)), port)
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
@@ -161,13 +242,17 @@ def main() -> None:
                 wait(lambda copy=copy: ray.get(copy.drop.remote()), 60)  # type: ignore[misc]
                 slow[model].append(wake(c, port, http, model))
         thin = thin_wakes(args.rounds)
+        for warm_tier in (True, False):  # every model held awake: the request path alone
+            deploy(c, awake_config(port, warm_tier), port)
+            latency[warm_tier] = per_request(port, args.per_request, "warm" if warm_tier else "cold")
         # A handle's router pushes metrics from a thread that outlives ray.shutdown(): its next
         # push would start a local Ray in this process.
         serve.context._global_client.shutdown_cached_handles()
         ray.shutdown()
+    vllm_args = {**demo_config(0, only=[VLLM])["applications"][1]["args"]}
     for _ in range(args.rounds):
         for model in REQUESTS:
-            fresh[model].append(fresh_process(model))
+            fresh[model].append(vllm_server_first_answer(vllm_args) if model == VLLM else fresh_process(model))
 
     med = statistics.median
     cols = ["total", "schedule+process", "attach", "build", "first answer"]
@@ -185,7 +270,8 @@ def main() -> None:
             lines.append(f"| {model} | {label} ({paths}) | {values} |")
     lines += [
         "",
-        "| model | warm wake | fresh process (import, load, answer) | warm / fresh | thin replica wake "
+        "| model | warm wake | fresh process (import, load, answer; vLLM: its own server from launch to "
+        "first answer) | warm / fresh | thin replica wake "
         "| warm - thin | disk read of the weights | warm copy: process RSS MB, weights MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -195,14 +281,30 @@ def main() -> None:
         rss, weights = memory.get(model, (0.0, 0))
         lines.append(
             f"| {model} | {w:.2f} | {f:.2f} | {w / f:.2f} | {thin_s:.2f} | {w - thin_s:+.2f} "
-            f"| {read_weights(ROOT / 'models' / model):.3f} | {rss:.0f}, {weights / 2**20:.1f} |"
+            f"| {read_weights(ROOT / 'models' / 'tiny-llama' if model == VLLM else ROOT / 'models' / model):.3f} "
+            f"| {rss:.0f}, {weights / 2**20:.1f} |"
         )
     lines += [
         "",
-        "Issue 13's goals: a warm wake of at most 2.5 s, at most half the fresh process, within 0.5 s of",
-        "the thin replica. vLLM models are not in the warm tier yet (their wake builds the engine: see",
-        "the vLLM section). Each warm copy is its own process: the RSS column is what one more model",
-        "costs a node while it is warm (the budget, `host_cache_gb`, counts the weights).",
+        f"Per request, every model awake: milliseconds of {args.per_request} sequential requests through the "
+        f"gateway (the vLLM model streams {PER_REQUEST[VLLM][1]['max_tokens']} tokens).",
+        "",
+        "| model | warm copy p50 | warm copy p99 | engine in the replica p50 | engine in the replica p99 "
+        "| cost of the warm copy p50 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in REQUESTS:
+        w, r = latency[True][model], latency[False][model]
+        lines.append(
+            f"| {model} | {med(w):.1f} | {pct(w, 99):.1f} | {med(r):.1f} | {pct(r, 99):.1f} | {med(w) - med(r):+.1f} |"
+        )
+    lines += [
+        "",
+        "Issue 13's goals: a transformers model's warm wake of at most 2.5 s, at most half the fresh",
+        "process, within 0.5 s of the thin replica; a vLLM model's wake at most half of vLLM's own server",
+        "from launch to first answer. Each warm copy is its own process: the RSS column is what one more",
+        "model costs a node while it is warm (the budget, `host_cache_gb`, counts the weights' bytes and,",
+        "for vLLM on CPU, its KV cache).",
     ]
     publish("cold-start", lines, write=not args.no_write)
 
