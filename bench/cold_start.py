@@ -170,6 +170,7 @@ def wake(c: Any, port: int, http: httpx.Client, model: str) -> dict[str, Any]:
 
     state = lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models/{model}").json()["zeroserve"]["state"]  # noqa: E731
     wait(lambda: state() == "cold", 120)
+    quiet()
     route, body = REQUESTS[model]
     t0 = time.time()
     http.post(f"http://127.0.0.1:{port}{route}", json={"model": model, **body}).raise_for_status()
@@ -184,6 +185,21 @@ def wake(c: Any, port: int, http: httpx.Client, model: str) -> dict[str, Any]:
         "build": eng.get("build_s", 0.0) if stats["start_path"] != "warm" else 0.0,
         "first answer": t_end - stats["ready_at"],
     }
+
+
+def quiet() -> None:
+    """Wait until no replica is stopping (a replica that scaled down exits a moment after it
+    left the directory; its teardown on these two cores would be timed as part of the next wake),
+    then a second more."""
+    from ray.util.state import list_actors
+
+    def none_stopping() -> bool:
+        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+        replicas = {f"SERVE_REPLICA::{m}#" for m in (*REQUESTS, "thin")}
+        return not any(any((a.name or "").startswith(r) for r in replicas) for a in alive)
+
+    wait(none_stopping, 120)
+    time.sleep(1.0)
 
 
 def thin_wakes(rounds: int) -> list[float]:
@@ -202,6 +218,7 @@ def thin_wakes(rounds: int) -> list[float]:
     out = []
     for _ in range(rounds):
         wait(lambda: not serve.status().applications["thin"].deployments["Thin"].replica_states.get("RUNNING"), 120)
+        quiet()
         t0 = time.perf_counter()
         handle.remote().result()
         out.append(time.perf_counter() - t0)

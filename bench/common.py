@@ -50,7 +50,8 @@ def summary(name: str, values_ms: list[float]) -> str:
 
 
 @contextmanager
-def cluster() -> Iterator[tuple[LocalCluster, int]]:
+def cluster(env: dict[str, str] | None = None) -> Iterator[tuple[LocalCluster, int]]:
+    """A local cluster for one benchmark (``env``: more environment for Ray and its workers)."""
     run_dir = ROOT / ".run-bench"
     c = start_local(
         run_dir,
@@ -60,6 +61,7 @@ def cluster() -> Iterator[tuple[LocalCluster, int]]:
             "HF_HUB_OFFLINE": "1",
             "ZEROSERVE_LOG_LEVEL": "WARNING",
             "RAY_metrics_report_interval_ms": "1000",  # metrics read by the benchmarks are current
+            **(env or {}),
         },
     )
     try:

@@ -109,6 +109,7 @@ class WarmModel:
         self.name = ray.get_runtime_context().get_actor_name()
         self._lock = asyncio.Lock()  # an async actor's constructor runs in its event loop
         self.refused = ""
+        self._closing: set[asyncio.Task[None]] = set()  # engines being shut down
         started = time.perf_counter()
         import torch  # noqa: F401 - the imports are what a warm process saves every wake
         import transformers  # noqa: F401
@@ -265,16 +266,16 @@ class WarmModel:
             return False
 
     async def _forget(self) -> None:
-        """Let the built engine go (an engine with processes of its own is shut down first)."""
+        """Let the built engine go; one with processes of its own (vLLM's engine core) is shut
+        down just after (that takes seconds, which whoever asked for the drop does not wait for)."""
         engine, self.engine, self.built_from, self.bytes = self.engine, None, "", 0
+        self._unregister()
         if engine is not None:
-            try:
-                await engine.close()
-            except Exception as err:  # noqa: BLE001 - a dead engine's processes are gone already
-                logger.warning("warm: closing the engine of %s: %r", self.app, err)
+            task = asyncio.get_running_loop().create_task(_close_later(engine, 0.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         del engine
         gc.collect()
-        self._unregister()
 
     def _place(self, device: str) -> None:
         """Move the copy to ``device``; a logical GPU (no CUDA on the node: the CPU demo) is the host."""
@@ -305,7 +306,9 @@ class WarmModel:
             await asyncio.to_thread(engine.load)
         self.engine, self.built_from = engine, built_from
         if old is not None:  # rebuilt under a replica still attached: its requests end first
-            asyncio.get_running_loop().create_task(_close_later(old, OLD_ENGINE_GRACE_S))
+            task = asyncio.get_running_loop().create_task(_close_later(old, OLD_ENGINE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self.timings = {**getattr(engine, "timings", {}), "build_s": time.perf_counter() - started}
         self.bytes = int(getattr(engine, "host_bytes", lambda: 0)())
         if not waking and not await asyncio.to_thread(self._keep_budget):
@@ -366,8 +369,8 @@ async def _close_later(engine: Engine, delay_s: float) -> None:
     await asyncio.sleep(delay_s)
     try:
         await engine.close()
-    except Exception as err:  # noqa: BLE001 - logged: nothing waits for it
-        logger.warning("warm: closing a replaced engine: %r", err)
+    except Exception as err:  # noqa: BLE001 - a dead engine's processes are gone already
+        logger.warning("warm: closing an engine: %r", err)
 
 
 class NoWarmCopy(Exception):
