@@ -128,6 +128,7 @@ def measure(mode: str, n: int, rounds: int) -> dict[str, Any]:
         wakes = [wake(base, http) for _ in range(rounds)]
         listening = exposed(c.pid)
         serve.context._global_client.shutdown_cached_handles()
+        serve.context._set_global_client(None)  # the next mode is another cluster
         ray.shutdown()
     return {**out, "wake": wakes, "exposed": listening, "base": base}
 

@@ -182,14 +182,25 @@ def test_a_dead_engine_core_in_the_warm_copy_is_built_again(vllm_pool: Pool, ray
 
 def test_a_vllm_model_not_kept_warm_runs_its_engine_in_the_replica(vllm_pool: Pool, ray_driver: None) -> None:
     """``warm: false`` (and every vLLM model on a GPU, where the copy refuses): the replica starts
-    vLLM itself, as a dead engine core there shows."""
+    vLLM itself, as a dead engine core there shows. Redeployed so, the model's warm copy goes
+    away with its engine core: no vLLM process is left but the replica's."""
+    import psutil
     from ray import serve
 
+    copy_pid = _warm_copy_pid(VLLM)
     cold = vllm_pool.models(VLLM, autoscaling=WARM, warm=False)
     vllm_pool.deploy(vllm_pool.config(cold), timeout_s=300)
     wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
+    wait_for(lambda: not psutil.pid_exists(copy_pid), 60, "the old warm copy to exit")
+    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
+    ours = {p.pid for p in psutil.Process(replica["pid"]).children(recursive=True)}
+
+    def only_the_replicas_engine() -> bool:
+        cores = {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
+        return bool(cores) and cores <= ours
+
+    wait_for(only_the_replicas_engine, 60, "the warm copy's engine core to exit with it")
     out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0)
     assert out.choices[0].text == _transformers_greedy("The quick", 16)[0]
     assert serve.get_app_handle(VLLM).stats.remote().result(timeout_s=60)["start_path"] == "cold"
-    (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
     _kill_engine_core_then_served_again(vllm_pool, replica["pid"], replica["replica_id"])
