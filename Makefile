@@ -100,6 +100,7 @@ bench: models
 	$(BIN)/python bench/cold_start.py
 	$(BIN)/python bench/pool_wake.py
 	$(BIN)/python bench/pool_trace.py
+	$(BIN)/python bench/ingress_ab.py
 
 bench-ab: models
 	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }

@@ -82,6 +82,11 @@ def main() -> None:
             recovery[f.fault.kind].append(f.recovered_s if f.recovered_s is not None else float("inf"))
         t = report.tally
         print(t.summary())
+        problems = report.judge()
+        for f in report.faults:
+            print(f"{f.fault.kind} at {f.at_s:.1f} s: {f.in_flight} requests in flight, recovered in {f.recovered_s}")
+        if problems:  # a figure is published only for a run that tested what it claims
+            raise SystemExit("not published: " + "; ".join(problems))
         lines += [
             f"### Faults under load ({report.duration_s:.0f} s, concurrency 6, {len(report.faults)} faults)",
             "",
@@ -93,11 +98,12 @@ def main() -> None:
             + (", ".join(f"{k} x{v}" for k, v in sorted(t.reasons().items())) or "none")
             + ".",
             "",
-            "| fault | times | recovery to full service, each (s) |",
-            "|---|---|---|",
+            "| fault | times | requests in flight when it hit, each | recovery to full service, each (s) |",
+            "|---|---|---|---|",
         ]
         for kind, times in recovery.items():
-            lines.append(f"| {kind} | {len(times)} | {', '.join(f'{x:.1f}' for x in times)} |")
+            hits = ", ".join(str(f.in_flight) for f in report.faults if f.fault.kind == kind)
+            lines.append(f"| {kind} | {len(times)} | {hits} | {', '.join(f'{x:.1f}' for x in times)} |")
 
         # A model that cannot start: how long until its requests get a clear 503, and Serve gives up.
         broken_dir = Path(tempfile.mkdtemp()) / "broken"
@@ -141,6 +147,8 @@ def main() -> None:
         time.sleep(3)
         stop.set()
         loader.join()
+        if out["t"].sent == 0:
+            raise SystemExit("not published: the redeploy ran under no load")
         lines += [
             "",
             "### Rolling redeploy of one model under load",

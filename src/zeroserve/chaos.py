@@ -76,6 +76,8 @@ class FaultResult:
     recovered_s: float | None  # from the kill to full service; None: not within the bound
     detail: str = ""
     under_load: bool = True  # the load was still flowing when the fault hit
+    at: float = 0.0  # time.monotonic() of the fault (the outcomes' clock)
+    in_flight: int = 0  # requests sent before the fault that ended after it (set by Report.judge)
 
 
 @dataclass
@@ -83,6 +85,21 @@ class Report:
     tally: Tally
     faults: list[FaultResult] = field(default_factory=list)
     duration_s: float = 0.0
+
+    def judge(self) -> list[str]:
+        """Count, for each fault, the requests that were in flight when it hit, and say what makes
+        this run unfit to publish: no requests, a fault that hit no live traffic, or one the pool
+        did not recover from. Empty: the run counts."""
+        problems = []
+        if self.tally.sent == 0:
+            problems.append("no request was sent")
+        for f in self.faults:
+            f.in_flight = sum(1 for o in self.tally.outcomes if o.started <= f.at <= o.started + o.latency_s)
+            if not f.under_load or f.in_flight == 0:
+                problems.append(f"{f.fault.kind} at {f.at_s:.1f} s hit no request in flight")
+            if f.recovered_s is None:
+                problems.append(f"{f.fault.kind} at {f.at_s:.1f} s: the pool did not recover")
+        return problems
 
 
 def ray_kill(address: str, name: str, namespace: str = "serve") -> None:
@@ -187,7 +204,7 @@ def run_faults(
                     pass  # the dashboard or the controller is still coming back
                 time.sleep(0.5)
             log(f"        recovered in {recovered:.1f} s" if recovered is not None else "        NOT recovered")
-            report.faults.append(FaultResult(fault, at - t0, recovered, what, under_load))
+            report.faults.append(FaultResult(fault, at - t0, recovered, what, under_load, at))
             if recovered is None:
                 break
             time.sleep(settle_s)
@@ -197,6 +214,7 @@ def run_faults(
         loader.join(timeout=600)
     report.tally = result.get("tally", Tally())
     report.duration_s = time.monotonic() - t0
+    report.judge()
     return report
 
 

@@ -137,24 +137,35 @@ def _request(shot: Shot) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _error_is_clear(resp: httpx.Response) -> tuple[bool, str]:
-    """A retryable refusal: 429/503, Retry-After, and the OpenAI error shape."""
+def _openai_error(body: object) -> dict[str, Any] | None:
+    """The ``error`` object of an OpenAI error body (a message and a type), or None."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(error.get("type"), str):
+        return error
+    return None
+
+
+def _error_is_clear(status: int, body: bytes, resp: httpx.Response) -> tuple[bool, str]:
+    """A retryable refusal: 429/503, a whole-number Retry-After, and the OpenAI error shape."""
     try:
-        body = resp.json()
+        data = json.loads(body)
     except ValueError:
-        return False, f"{resp.status_code} without a JSON body"
-    code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
-    if resp.status_code not in (429, 503):
-        return False, f"{resp.status_code} {code}"
-    if not resp.headers.get("retry-after", "").isdigit():
-        return False, f"{resp.status_code} {code} without Retry-After"
-    return True, f"{resp.status_code} {code}"
+        return False, f"{status} without a JSON body"
+    error = _openai_error(data)
+    if error is None:
+        return False, f"{status} without an OpenAI error body"
+    code = error.get("code")
+    if status not in (429, 503):
+        return False, f"{status} {code}"
+    if not resp.headers.get("retry-after", "").strip().isdigit():
+        return False, f"{status} {code} without Retry-After"
+    return True, f"{status} {code}"
 
 
 def judge_json(shot: Shot, status: int, body: bytes, resp: httpx.Response) -> tuple[Verdict, str]:
     """The verdict on a non-streamed answer."""
     if status != 200:
-        clear, reason = _error_is_clear(resp)
+        clear, reason = _error_is_clear(status, body, resp)
         return ("retryable" if clear else "lost"), reason
     try:
         data = json.loads(body)
@@ -183,10 +194,14 @@ def judge_sse(lines: Iterable[str]) -> tuple[Verdict, str]:
             event = json.loads(payload)
         except ValueError:
             return "lost", "an SSE event that is not JSON"
-        if isinstance(event, dict) and "error" in event:
-            detail = event["error"] if isinstance(event["error"], dict) else {}
-            if detail.get("type") not in _RETRYABLE_TYPES:
-                return "lost", f"SSE error event {detail.get('type')} {detail.get('code')}"
+        if not isinstance(event, dict):
+            return "lost", "an SSE event that is not a JSON object"
+        if "error" in event:
+            detail = _openai_error(event)
+            if detail is None:
+                return "lost", "an SSE error event that is not OpenAI-shaped"
+            if detail["type"] not in _RETRYABLE_TYPES:
+                return "lost", f"SSE error event {detail['type']} {detail.get('code')}"
             error = str(detail.get("code"))
         else:
             chunks += 1
@@ -195,28 +210,38 @@ def judge_sse(lines: Iterable[str]) -> tuple[Verdict, str]:
     return "lost", f"stream ended after {chunks} chunks without [DONE]"
 
 
-def _fire(client: httpx.Client, base_url: str, shot: Shot, headers: dict[str, str]) -> Outcome:
+def _fire(client: httpx.Client, base_url: str, shot: Shot, headers: dict[str, str], deadline_s: float) -> Outcome:
+    """Send one request; its answer must be whole within ``deadline_s`` in total (a server that
+    drips bytes never hits a per-read timeout, so the total is checked as the body arrives)."""
     path, payload = _request(shot)
     started = time.monotonic()
+    deadline = started + deadline_s
     status = 0
     try:
-        if payload.get("stream"):
-            with client.stream("POST", base_url + path, json=payload, headers=headers) as resp:
-                status = resp.status_code
-                if status != 200:
-                    resp.read()
-                    verdict, reason = judge_json(shot, status, resp.content, resp)
-                else:
-                    verdict, reason = judge_sse(resp.iter_lines())
-        else:
-            resp = client.post(base_url + path, json=payload, headers=headers)
+        with client.stream("POST", base_url + path, json=payload, headers=headers) as resp:
             status = resp.status_code
-            verdict, reason = judge_json(shot, status, resp.content, resp)
-    except httpx.TimeoutException:
-        verdict, reason = "lost", "no answer before the deadline"
+            streamed = status == 200 and bool(payload.get("stream"))
+            parts: list[bytes] = []
+            for chunk in resp.iter_bytes():
+                parts.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _PastDeadline
+            body = b"".join(parts)
+            if streamed:
+                verdict, reason = judge_sse(body.decode("utf-8", errors="replace").splitlines())
+            else:
+                verdict, reason = judge_json(shot, status, body, resp)
+    except (httpx.TimeoutException, _PastDeadline):
+        verdict, reason = "lost", f"no whole answer within {deadline_s:g} s"
     except httpx.HTTPError as err:
         verdict, reason = "lost", f"{type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 - whatever came back that the judge cannot read is lost
+        verdict, reason = "lost", f"unreadable answer: {type(err).__name__}: {err}"
     return Outcome(shot, verdict, status, started, time.monotonic() - started, reason)
+
+
+class _PastDeadline(Exception):
+    """The request's total deadline passed while its answer was still arriving."""
 
 
 def run_load(
@@ -235,7 +260,8 @@ def run_load(
     Args:
         base_url: the gateway, e.g. ``http://127.0.0.1:8000``; loopback only.
         requests: the most requests to send (the load is bounded in count...).
-        timeout_s: ...and each request in time: no answer by then is ``lost``.
+        timeout_s: ...and each request in time: no whole answer by then (in total, not per
+            read) is ``lost``.
         stop: set it to stop sending early; requests in flight still finish.
         rate_per_s: open-loop arrivals at this rate instead of closed-loop threads.
 
@@ -252,7 +278,7 @@ def run_load(
     with httpx.Client(timeout=timeout, limits=limits) as client:
 
         def one(shot: Shot) -> None:
-            outcome = _fire(client, base_url, shot, headers)
+            outcome = _fire(client, base_url, shot, headers, timeout_s)
             with lock:
                 tally.outcomes.append(outcome)
 

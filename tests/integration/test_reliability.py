@@ -51,7 +51,8 @@ def test_kills_during_load_lose_no_request(pool: Pool) -> None:
     assert len(report.faults) == len(faults)
     for result in report.faults:
         assert result.recovered_s is not None, f"{result.fault} not recovered: {result.detail}"
-        assert result.under_load, f"{result.fault} hit after the load had ended"
+    # Every fault hit requests in flight (a fault between requests tests nothing).
+    assert report.judge() == [], report.faults
     assert tally.count("lost") == 0, _explain(tally)
     assert tally.count("ok") > tally.sent // 2, _explain(tally)
     # Whole again: every model answers through both gateway replicas.

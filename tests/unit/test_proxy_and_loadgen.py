@@ -120,15 +120,39 @@ def _resp(status: int, body: Any, headers: dict[str, str] | None = None) -> http
     [
         (200, {"data": [{"embedding": [0.1]}]}, {}, "ok"),
         (200, {"data": []}, {}, "lost"),
-        (503, {"error": {"code": "replica_died"}}, {"retry-after": "1"}, "retryable"),
-        (429, {"error": {"code": "rate_limited"}}, {"retry-after": "3"}, "retryable"),
-        (503, {"error": {"code": "x"}}, {}, "lost"),  # no Retry-After: not actionable
-        (500, {"error": {"code": "internal_error"}}, {"retry-after": "1"}, "lost"),
+        (
+            503,
+            {"error": {"message": "m", "type": "service_unavailable", "code": "replica_died"}},
+            {"retry-after": "1"},
+            "retryable",
+        ),
+        (
+            429,
+            {"error": {"message": "m", "type": "rate_limit_error", "code": "rate_limited"}},
+            {"retry-after": "3"},
+            "retryable",
+        ),
+        (503, {"error": {"message": "m", "type": "service_unavailable", "code": "x"}}, {}, "lost"),  # no Retry-After
+        (503, {"error": {"message": "m", "type": "t"}}, {"retry-after": "soon"}, "lost"),  # not a number of seconds
+        (500, {"error": {"message": "m", "type": "internal_error"}}, {"retry-after": "1"}, "lost"),
+        # Not OpenAI's error shape: a client cannot read it, however it is sent.
+        (503, {"error": "overloaded"}, {"retry-after": "1"}, "lost"),
+        (503, {"error": {"code": "x"}}, {"retry-after": "1"}, "lost"),
+        (503, {"detail": "no replica"}, {"retry-after": "1"}, "lost"),
+        (503, ["error"], {"retry-after": "1"}, "lost"),
+        (503, "Service Unavailable", {"retry-after": "1"}, "lost"),
+        (200, ["data"], {}, "lost"),
+        (200, "ok", {}, "lost"),
     ],
 )
 def test_judge_json(status: int, body: Any, headers: dict[str, str], verdict: str) -> None:
     resp = _resp(status, body, headers)
     assert judge_json(Shot("embed", "m"), status, resp.content, resp)[0] == verdict
+
+
+def test_a_200_that_is_not_an_object_is_lost_not_a_crash() -> None:
+    resp = httpx.Response(200, content=b"null")
+    assert judge_json(Shot("chat", "m"), 200, resp.content, resp)[0] == "lost"
 
 
 def test_judge_json_truncated_200_is_lost() -> None:
@@ -144,7 +168,7 @@ def test_judge_json_truncated_200_is_lost() -> None:
             [
                 ": waking",
                 'data: {"choices": []}',
-                'data: {"error": {"type": "service_unavailable", "code": "replica_died"}}',
+                'data: {"error": {"message": "m", "type": "service_unavailable", "code": "replica_died"}}',
                 "data: [DONE]",
             ],
             "retryable",
@@ -157,6 +181,12 @@ def test_judge_json_truncated_200_is_lost() -> None:
             "lost",
         ),
         (['data: {"choices": [', "data: [DONE]"], "lost"),
+        # Error events a client cannot read: never a crash, always lost.
+        (['data: {"error": "overloaded"}', "data: [DONE]"], "lost"),
+        (['data: {"error": null}', "data: [DONE]"], "lost"),
+        (['data: {"error": {"type": 5, "message": "m"}}', "data: [DONE]"], "lost"),
+        (["data: 5", "data: [DONE]"], "lost"),
+        ([], "lost"),
     ],
 )
 def test_judge_sse(lines: list[str], verdict: str) -> None:
@@ -167,3 +197,60 @@ def test_load_goes_to_loopback_only() -> None:
     require_loopback("http://127.0.0.1:8000")
     with pytest.raises(ValueError, match="loopback"):
         require_loopback("http://10.0.0.5:8000")
+
+
+def _outcome(started: float, latency_s: float, verdict: str = "ok") -> Any:
+    from zeroserve.loadgen import Outcome
+
+    return Outcome(Shot("embed", "m"), verdict, 200, started, latency_s)  # type: ignore[arg-type]
+
+
+def test_a_chaos_run_counts_only_when_every_fault_hit_requests_in_flight() -> None:
+    from zeroserve.chaos import Fault, FaultResult, Report
+    from zeroserve.loadgen import Tally
+
+    hit = FaultResult(Fault("ray_kill_controller"), at_s=1.0, recovered_s=2.0, at=101.0)
+    report = Report(Tally([_outcome(100.0, 0.5), _outcome(100.5, 1.0), _outcome(101.5, 0.2)]), [hit])
+    assert report.judge() == [] and hit.in_flight == 1
+    # A fault between requests (the load paused, or ended) tests nothing: the run does not count.
+    idle = FaultResult(Fault("ray_kill_controller"), at_s=5.0, recovered_s=2.0, at=105.0)
+    assert Report(report.tally, [hit, idle]).judge() == ["ray_kill_controller at 5.0 s hit no request in flight"]
+    late = FaultResult(Fault("ray_kill_controller"), at_s=1.0, recovered_s=2.0, at=101.0, under_load=False)
+    assert Report(report.tally, [late]).judge() == ["ray_kill_controller at 1.0 s hit no request in flight"]
+    lost = FaultResult(Fault("ray_kill_controller"), at_s=1.0, recovered_s=None, at=101.0)
+    assert Report(report.tally, [lost]).judge() == ["ray_kill_controller at 1.0 s: the pool did not recover"]
+    assert Report(Tally(), []).judge() == ["no request was sent"]
+
+
+def test_the_deadline_is_total_not_per_read() -> None:
+    """A server that sends a byte at a time, each well within a read timeout, is lost at the deadline."""
+    import threading
+    import time as _time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from zeroserve.loadgen import run_load
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            for byte in b'{"data": [{"embedding": [0.1]}]}':
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                _time.sleep(0.1)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        (slow,) = run_load(url, [Shot("embed", "m")], requests=1, concurrency=1, timeout_s=1.0).outcomes
+        assert slow.verdict == "lost" and "within 1 s" in slow.reason, slow
+        (whole,) = run_load(url, [Shot("embed", "m")], requests=1, concurrency=1, timeout_s=30.0).outcomes
+        assert whole.verdict == "ok", whole
+    finally:
+        server.shutdown()
