@@ -216,7 +216,7 @@ class WarmModel:
 
     # -- the engine's work, for the attached replicas ---------------------------------
     async def check_inputs(self, texts: Sequence[str], dimensions: int | None) -> None:
-        self._engine().check_inputs(texts, dimensions)
+        await self._engine().acheck_inputs(texts, dimensions)
 
     async def embed(self, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
         return await asyncio.to_thread(self._engine().embed, texts, dimensions)
@@ -225,7 +225,7 @@ class WarmModel:
         return await asyncio.to_thread(self._engine().classify, texts)
 
     async def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return self._engine().render_chat(messages)
+        return await self._engine().arender_chat(messages)
 
     async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
         async for message in self._engine().stream(prompt, params):

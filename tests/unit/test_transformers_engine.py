@@ -184,3 +184,35 @@ def test_an_engine_error_after_its_caller_left_prints_no_thread_traceback(
     for t in workers:
         t.join(5)
     assert thread_errors == []
+
+
+def test_prompts_are_tokenized_and_templated_off_the_event_loop(gen: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt of megabytes takes the tokenizer seconds: the replica's event loop (its other
+    requests, its health check) must not wait on it."""
+
+    on_loop: list[str] = []
+    tokenize, render = gen._tokenize, gen.render_chat  # type: ignore[attr-defined]
+
+    def spy(fn: Any, name: str) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:
+                pass  # a worker thread: no loop running here
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(gen, "_tokenize", spy(tokenize, "tokenize"))
+    monkeypatch.setattr(gen, "render_chat", spy(render, "render_chat"))
+
+    async def work() -> None:
+        with pytest.raises(InvalidRequestError, match="maximum context length"):
+            await collect(gen.stream("word " * 20000, GenerateParams(max_tokens=3)), 1)
+        with pytest.raises(InvalidRequestError, match="40002 tokens"):
+            await gen.acheck_inputs(["word " * 20000])
+        await gen.arender_chat([{"role": "user", "content": "hi"}])
+
+    asyncio.run(work())
+    assert on_loop == [], f"ran on the event loop: {on_loop}"

@@ -80,11 +80,13 @@ class Engine(abc.ABC):
     async def aclassify(self, texts: Sequence[str]) -> list[Classification]:
         return await asyncio.to_thread(self.classify, texts)
 
+    # Tokenizing or templating a large input takes long enough to stall the replica's event loop
+    # (its other requests, its health check): a worker thread does it.
     async def acheck_inputs(self, texts: Sequence[str], dimensions: int | None = None) -> None:
-        self.check_inputs(texts, dimensions)
+        await asyncio.to_thread(self.check_inputs, texts, dimensions)
 
     async def arender_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return self.render_chat(messages)
+        return await asyncio.to_thread(self.render_chat, messages)
 
     async def stop(self) -> None:
         """The replica stops (an engine elsewhere is told; one in this process goes with it)."""

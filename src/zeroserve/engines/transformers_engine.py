@@ -263,7 +263,9 @@ class TransformersEngine(Engine):
         return min(params.max_tokens or self.spec.max_tokens_cap, room)
 
     async def stream(self, prompt: str, params: GenerateParams) -> AsyncIterator[Accepted | Delta]:
-        prompt_ids = self._tokenize(prompt, add_special_tokens=True)["input_ids"]
+        # A prompt of megabytes takes the tokenizer a second or more: off the event loop, which
+        # serves the replica's other requests and its health check meanwhile.
+        prompt_ids = (await asyncio.to_thread(self._tokenize, prompt, add_special_tokens=True))["input_ids"]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         budget = self._budget(len(prompt_ids), params)
