@@ -312,8 +312,9 @@ def build(args: dict[str, Any]) -> Application:
     return Gateway.options(  # type: ignore[attr-defined]
         num_replicas=spec.num_replicas,
         ray_actor_options={"num_cpus": spec.num_cpus},
-        # The gateway sheds load itself (503 + Retry-After); Serve must not queue first.
-        max_ongoing_requests=spec.max_inflight_requests + 64,
+        # The gateway sheds load itself (503 + Retry-After); Serve must not queue first, also while
+        # slow uploads hold their places.
+        max_ongoing_requests=spec.max_inflight_requests + spec.max_slow_bodies + 64,
         # A replica being replaced or removed finishes what it holds (streams too) first.
         graceful_shutdown_timeout_s=spec.shutdown_grace_s,
     ).bind(spec.model_dump())

@@ -272,7 +272,16 @@ class GatewaySpec(_Strict):
         default=180.0, gt=0, description="Longest a request waits for a cold model to wake."
     )
     request_timeout_s: float = Field(
-        default=300.0, gt=0, description="Longest a request waits once its model is awake, and for its body to arrive."
+        default=300.0, gt=0, description="Longest a request waits once its model is awake."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a request's body may take to arrive (then 408)."
+    )
+    max_slow_bodies: int = Field(
+        default=64,
+        gt=0,
+        description="Requests per gateway replica whose body is still arriving after a second; more are "
+        "refused (503): slow uploads cannot hold every connection.",
     )
     max_inflight_requests: int = Field(
         default=512, gt=0, description="Requests in the gateway at once before it sheds load."

@@ -498,12 +498,36 @@ async def test_client_that_hangs_up_mid_body_is_not_a_server_error(caplog: pytes
 
 
 async def test_body_that_never_ends_times_out_with_408() -> None:
-    app = create_app(GatewaySpec(request_timeout_s=0.2), FakeBackend())
+    app = create_app(GatewaySpec(body_timeout_s=0.2), FakeBackend())
     messages = [{"type": "http.request", "body": b'{"model": "emb", ', "more_body": True}]
     status, _, body = await raw_call(app, "/v1/embeddings", messages=messages)
     assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
     await _still_serves(client)
+
+
+async def test_slow_uploads_hold_at_most_their_places_and_others_are_served() -> None:
+    """Six clients that send a part of their body and stop, against four places: two are refused at
+    once (503, Retry-After), four hold their places until the body timeout (408), and requests
+    whose body comes at once are served all along, none of them waiting for a place."""
+    app = create_app(GatewaySpec(body_timeout_s=4, max_slow_bodies=4, retry_after_s=2), FakeBackend())
+    part = [{"type": "http.request", "body": b'{"model": "emb", ', "more_body": True}]
+    slow = [asyncio.ensure_future(raw_call(app, "/v1/embeddings", messages=list(part))) for _ in range(6)]
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    await asyncio.sleep(1.5)  # past the grace: every slow one has taken a place or been refused
+    refused = [t for t in slow if t.done()]
+    assert len(refused) == 2
+    for task in refused:
+        status, headers, body = task.result()
+        assert status == 503 and json.loads(body)["error"]["code"] == "slow_uploads"
+        assert dict(headers)[b"retry-after"] == b"2"
+    for _ in range(5):  # every place is held: a body that comes at once needs none
+        await _still_serves(client)
+    held = await asyncio.gather(*[t for t in slow if t not in refused])
+    assert [status for status, _, _ in held] == [408] * 4
+    # The places are given back: slow uploads may take them again.
+    again = await asyncio.wait_for(raw_call(app, "/v1/embeddings", messages=list(part)), 10)
+    assert again[0] == 408
 
 
 async def test_auth_on_refuses_hostile_requests_with_401_first(tmp_path: Path) -> None:

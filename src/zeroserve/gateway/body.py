@@ -16,9 +16,15 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from zeroserve.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError, from_validation
+from zeroserve.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    from_validation,
+)
 
-__all__ = ["MAX_JSON_DEPTH", "json_body_schema", "nests_deeper", "read_json", "validate"]
+__all__ = ["MAX_JSON_DEPTH", "SlowBodies", "json_body_schema", "nests_deeper", "read_json", "validate"]
 
 # Only a \u escape can put a UTF-16 surrogate into a body decoded as strict UTF-8.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -29,24 +35,78 @@ MAX_JSON_DEPTH = 64
 _T = TypeVar("_T", bound=BaseModel)
 
 
+class SlowBodies:
+    """The requests of one gateway replica whose body is still arriving after ``grace_s``.
+
+    A body sent at network speed arrives in milliseconds and takes no place here. One that is
+    still arriving after the grace (a slow upload, or a client that sent its headers only) takes
+    a place for as long as it keeps arriving, and is refused (503 with ``Retry-After``) when
+    ``limit`` are held already: slow uploads hold at most ``limit`` of the replica's connections,
+    whatever their number, and the others keep being served.
+    """
+
+    def __init__(self, limit: int, grace_s: float = 1.0, retry_after_s: int = 1) -> None:
+        self.limit, self.grace_s, self.retry_after_s = limit, grace_s, retry_after_s
+        self.held = 0
+
+    def take(self) -> None:
+        """Raises OverloadedError: every place is held."""
+        if self.held >= self.limit:
+            raise OverloadedError(
+                f"too many request bodies are arriving slowly ({self.limit}); send the body at once, or retry",
+                code="slow_uploads",
+                retry_after_s=self.retry_after_s,
+            )
+        self.held += 1
+
+    def give(self) -> None:
+        self.held -= 1
+
+
 async def read_json(
-    content_length: str | None, stream: AsyncIterator[bytes], max_bytes: int, timeout_s: float
+    content_length: str | None,
+    stream: AsyncIterator[bytes],
+    max_bytes: int,
+    timeout_s: float,
+    slow: SlowBodies | None = None,
 ) -> dict[str, Any]:
-    """The body as a JSON object, read within ``max_bytes`` and ``timeout_s``.
+    """The body as a JSON object, read within ``max_bytes`` and ``timeout_s``; a body still
+    arriving after ``slow.grace_s`` takes a place in ``slow`` (or is refused) while it does.
 
     Raises:
         PayloadTooLargeError: over ``max_bytes`` (announced or sent).
         RequestTimeoutError: the body did not arrive in time.
+        OverloadedError: the body arrives slowly and ``slow`` is full.
         InvalidRequestError: not a JSON object in strict UTF-8, a lone surrogate, too deep.
     """
     # isascii: headers are decoded as latin-1, where "\xb2" (superscript two) passes isdigit but not int().
     if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > max_bytes:
         raise PayloadTooLargeError(f"request body over {max_bytes} bytes")
     body = bytearray()
+    held = False
+    chunks = stream.__aiter__()
+    loop = asyncio.get_running_loop()
+    slow_at = loop.time() + slow.grace_s if slow is not None else None
     try:
         # A client that sends its body slowly, or never ends it, must not hold a handler forever.
         async with asyncio.timeout(timeout_s):
-            async for chunk in stream:
+            while True:
+                # The next part is read by a task of its own, so that waiting for it can stop at
+                # the grace (to take a place) without cancelling the read.
+                part = asyncio.ensure_future(anext(chunks))
+                if slow is not None and slow_at is not None and not held:
+                    done, _ = await asyncio.wait({part}, timeout=max(0.0, slow_at - loop.time()))
+                    if not done:
+                        try:
+                            slow.take()
+                        except OverloadedError:
+                            part.cancel()
+                            raise
+                        held = True
+                try:
+                    chunk = await part
+                except StopAsyncIteration:
+                    break
                 body += chunk
                 if len(body) > max_bytes:
                     raise PayloadTooLargeError(f"request body over {max_bytes} bytes")
@@ -57,6 +117,9 @@ async def read_json(
     except ClientDisconnect:
         # Nobody will read this answer; it keeps a client that hung up from counting as a server error.
         raise InvalidRequestError("the client closed the connection before the body was complete") from None
+    finally:
+        if held and slow is not None:
+            slow.give()
     return parse_json(bytes(body))
 
 

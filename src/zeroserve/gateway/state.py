@@ -10,6 +10,7 @@ from typing import Any
 
 from zeroserve.config import GatewaySpec
 from zeroserve.gateway.backend import Backend
+from zeroserve.gateway.body import SlowBodies
 from zeroserve.gateway.fair import Dispatcher, FairShare
 from zeroserve.gateway.lease import Admission
 from zeroserve.gateway.room import RoomQueue
@@ -36,6 +37,8 @@ class GatewayState:
     wakes: WakeTracker
     # Requests waiting for a GPU slice for a cold model, in tier then arrival order.
     room: RoomQueue = field(default_factory=RoomQueue)
+    # Request bodies still arriving after their grace (slow uploads), bounded.
+    slow: SlowBodies = field(default_factory=lambda: SlowBodies(64))
     # Work that must finish after its request is answered (a charge at a stream's close).
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     _capacity: tuple[float, dict[str, float]] = (-1e9, {})
@@ -60,6 +63,7 @@ class GatewayState:
             stats=stats,
             obs=obs,
             wakes=WakeTracker(),
+            slow=SlowBodies(spec.max_slow_bodies, retry_after_s=spec.retry_after_s),
         )
 
     async def capacity(self, max_age_s: float = 5.0) -> dict[str, float]:

@@ -49,7 +49,11 @@ class Serving:
             log.tier = grant.key.tier
         spec = self.state.spec
         data = await read_json(
-            request.headers.get("content-length"), request.stream(), spec.max_body_bytes, spec.request_timeout_s
+            request.headers.get("content-length"),
+            request.stream(),
+            spec.max_body_bytes,
+            spec.body_timeout_s,
+            self.state.slow,
         )
         head = validate(data, PassthroughRequest)
         entry = await self.lookup(log, head.model, task, wanted)
