@@ -97,3 +97,47 @@ def test_schema_fuzz_against_the_real_engines(engines: Pool) -> None:
     # Still serving afterwards.
     client = engines.openai(timeout=120)
     assert client.completions.create(model=VLLM, prompt="The", max_tokens=2).choices[0].text
+
+
+def test_slow_uploads_cannot_hold_every_connection(engines: Pool) -> None:
+    """More clients than the gateway's places for slow uploads (64) send their headers and a part
+    of their body, then nothing: the ones beyond the places get a 503 `slow_uploads` with
+    Retry-After at once, and requests that send their body at once are served meanwhile."""
+    import json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(engines.base_url)
+    body = json.dumps({"model": "all-MiniLM-L6-v2", "input": "hello"}).encode()
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    slow = [socket.create_connection((url.hostname, url.port), timeout=30) for _ in range(70)]
+    try:
+        for sock in slow:
+            sock.sendall(head + body[:5])
+        client = engines.openai(timeout=120)
+        for _ in range(5):
+            assert client.embeddings.create(model="all-MiniLM-L6-v2", input="x").data[0].embedding
+        refused: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(refused) < 6 and time.monotonic() < deadline:
+            for sock in slow:
+                sock.settimeout(0.05)
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if data:
+                    refused.append(data)
+        assert len(refused) == 6, refused
+        for answer in refused:
+            head_part, _, payload = answer.partition(b"\r\n\r\n")
+            assert head_part.startswith(b"HTTP/1.1 503") and b"retry-after:" in head_part.lower(), answer
+            assert json.loads(payload)["error"]["code"] == "slow_uploads", answer
+    finally:
+        for sock in slow:
+            sock.close()
+    assert client.embeddings.create(model="all-MiniLM-L6-v2", input="x").data[0].embedding
