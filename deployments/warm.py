@@ -26,6 +26,7 @@ docs/architecture.md ("The warm tier") for what was measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -134,7 +135,10 @@ class WarmModel:
                 await self._build(await asyncio.to_thread(fingerprint, source), waking=False)
             except Exception as err:  # noqa: BLE001 - reported by the wake that needs it
                 logger.warning("warm: %s was not built ahead of its wake: %s", self.app, err)
-                await self._forget()
+                # Never raises: every attach awaits this task (a GCS that is restarting is
+                # read again by the next attach's budget).
+                with contextlib.suppress(Exception):
+                    await self._forget()
 
     @property
     def attached(self) -> int:

@@ -84,6 +84,7 @@ async def read_json(
         raise PayloadTooLargeError(f"request body over {max_bytes} bytes")
     body = bytearray()
     held = False
+    part: asyncio.Future[bytes] | None = None
     chunks = stream.__aiter__()
     loop = asyncio.get_running_loop()
     slow_at = loop.time() + slow.grace_s if slow is not None else None
@@ -97,11 +98,7 @@ async def read_json(
                 if slow is not None and slow_at is not None and not held:
                     done, _ = await asyncio.wait({part}, timeout=max(0.0, slow_at - loop.time()))
                     if not done:
-                        try:
-                            slow.take()
-                        except OverloadedError:
-                            part.cancel()
-                            raise
+                        slow.take()  # or a 503: the read is given up below
                         held = True
                 try:
                     chunk = await part
@@ -118,6 +115,8 @@ async def read_json(
         # Nobody will read this answer; it keeps a client that hung up from counting as a server error.
         raise InvalidRequestError("the client closed the connection before the body was complete") from None
     finally:
+        if part is not None and not part.done():  # the read was given up (a timeout, a cancel)
+            part.cancel()
         if held and slow is not None:
             slow.give()
     return parse_json(bytes(body))
