@@ -70,3 +70,31 @@ def test_gpu_fraction_is_enforced_per_process(demo_models: dict[str, Path]) -> N
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "OK after refusal" in proc.stdout
+
+
+def test_a_warm_copy_is_on_the_gpu_only_while_attached(demo_models: dict[str, Path]) -> None:
+    """The warm tier (deployments/warm.py): a copy built on the host moves to the replica's GPU on
+    attach, answers there as on the host, and leaves no tensor on the card when it detaches (what
+    stays is the process's CUDA context, printed for the note)."""
+    spec = ModelSpec(task="classify", model=str(demo_models["tiny-sentiment"]), gpu_fraction=0.25)
+    engine = create_engine(spec)
+    engine.host_only = True  # type: ignore[attr-defined]
+    engine.load()
+    assert engine.device == "cpu"  # type: ignore[attr-defined]
+    texts = ["I love this, wonderful.", "Terrible and broken."]
+    on_host = engine.classify(texts)
+    before = torch.cuda.memory_allocated(0)
+    engine.place("cuda:0")  # type: ignore[attr-defined]
+    assert torch.cuda.memory_allocated(0) > before
+    on_gpu = engine.classify(texts)
+    assert [c.label for c in on_gpu] == [c.label for c in on_host]
+    assert all(
+        abs(a - b) < 1e-3 for x, y in zip(on_gpu, on_host, strict=True) for a, b in zip(x.probs, y.probs, strict=True)
+    )
+    engine.place("cpu")  # type: ignore[attr-defined]
+    assert torch.cuda.memory_allocated(0) == before
+    free, total = torch.cuda.mem_get_info(0)
+    print(
+        f"detached: allocated {torch.cuda.memory_allocated(0)} B, reserved {torch.cuda.memory_reserved(0)} B, "
+        f"card in use {(total - free) / 2**20:.0f} MiB (this process's CUDA context and any other process)"
+    )
