@@ -19,7 +19,7 @@ parts=${*:-tests share estimate}
 status=0
 for part in $parts; do
   case $part in
-    tests) $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tee "$OUT/pytest.txt" || status=1 ;;
+    tests) $PY -m pytest -q -s -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tee "$OUT/pytest.txt" || status=1 ;;
     share) $PY bench/gpu_share.py --out "$OUT/gpu_share.md" 2>&1 | tee "$OUT/gpu_share.log" || status=1 ;;
     estimate) $PY bench/estimate_accuracy.py --out "$OUT/estimate.md" 2>&1 | tee "$OUT/estimate.log" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
