@@ -9,6 +9,7 @@ each use (``min_hold_s``): neither ever yields here.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -120,18 +121,36 @@ def test_a_model_with_a_long_stream_in_flight_is_not_evicted_and_its_stream_ends
     first = next(iter(stream))
     assert first.choices and _running(full_pool, GEN) == 1
     # Two cold models called while the stream runs: the only idle resident can go for the first;
-    # the second must wait for the stream to end, whatever the generator's last use says.
+    # the second must wait for the stream to end, whatever the generator's last use says. A
+    # watcher looks at the generator's replica meanwhile; the stream is read as it comes (a
+    # client that lags behind its stream would see the eviction its end rightly allows).
     cold = [n for n in NAMES if _running(full_pool, n) == 0][:2]
+    gone: list[float] = []  # when a look that began then found the generator not running
+    stop = threading.Event()
+
+    def look() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                if _running(full_pool, GEN) != 1:
+                    gone.append(began)
+            stop.wait(0.1)
+
+    watcher = threading.Thread(target=look, daemon=True)
+    watcher.start()
     with ThreadPoolExecutor(2) as ex:
         calls = [ex.submit(_classify, full_pool, n) for n in cold]
         text, finish, usage = first.choices[0].text, None, None
         for chunk in stream:
-            assert _running(full_pool, GEN) == 1, "the streaming model was evicted"
             if chunk.choices:
                 text += chunk.choices[0].text
                 finish = chunk.choices[0].finish_reason or finish
             usage = chunk.usage or usage
+        ended = time.monotonic()
         assert [c.result(timeout=300) for c in calls] == [200, 200]
+    stop.set()
+    watcher.join(10)
+    assert not [t for t in gone if t < ended], "the streaming model was evicted while its stream ran"
     assert finish in ("length", "stop") and usage is not None and usage.completion_tokens > 0
     assert text
 
