@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from ray import serve
@@ -92,8 +92,8 @@ class ModelServer:
         """Serve stops the replica: a warm copy is told it may be dropped again."""
         await self.engine.stop()
 
-    @contextlib.contextmanager
-    def _engine_work(self) -> Iterator[_Work]:
+    @contextlib.asynccontextmanager
+    async def _engine_work(self) -> AsyncIterator[_Work]:
         """Time the engine work inside (shared with concurrent work: processor sharing), and turn
         a failure on an engine that died into a 503 to retry."""
         work = _Work()
@@ -101,18 +101,18 @@ class ModelServer:
         try:
             yield work
         except Exception as err:
-            raise self._unavailable_if_dead(err) from None
+            raise await self._unavailable_if_dead(err) from None
         finally:
             work.engine_s = self.meter.exit(token)
 
-    def _unavailable_if_dead(self, err: Exception) -> Exception:
+    async def _unavailable_if_dead(self, err: Exception) -> Exception:
         """A request that failed because the engine died is a 503 to retry, not a 500.
 
         Serve replaces the replica once its health check fails (vLLM's engine core killed,
         a CUDA error that poisons the process); until then requests fail fast and clearly.
         """
         try:
-            self.engine.health()
+            await self.engine.ahealth()  # a warm copy is asked about its engine
         except Exception as dead:  # noqa: BLE001 - any health failure means the engine is gone
             logger.warning("request failed on a dead engine (%s): %r", dead, err)
             return ModelUnavailableError(
@@ -144,7 +144,7 @@ class ModelServer:
     ) -> list[list[Any]]:
         flat = [t for texts in requests for t in texts]
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-100:]
-        with self._engine_work() as work:
+        async with self._engine_work() as work:
             results = await fn(flat)
         # The batch's engine time is shared equally among its inputs.
         each = work.engine_s * self.spec.gpu_fraction / max(len(flat), 1)
@@ -161,7 +161,7 @@ class ModelServer:
     ) -> AsyncIterator[Accepted | Delta | Meter]:
         """:class:`Accepted`, the deltas, then the request's :class:`Meter` reading (zeroserve.wire)."""
         text = prompt if isinstance(prompt, str) else await self.engine.arender_chat(prompt)
-        with self._engine_work() as work:
+        async with self._engine_work() as work:
             async for message in self.engine.stream(text, params):
                 yield message
         yield Meter(work.engine_s * self.spec.gpu_fraction)
@@ -174,7 +174,7 @@ class ModelServer:
         SSE lines already waiting are sent as one item: each item costs a message on every
         hop (replica, gateway, proxy), which under load costs more than the tokens.
         """
-        with self._engine_work() as work:
+        async with self._engine_work() as work:
             stream = self.engine.openai(endpoint, body)
             first = await anext(stream)
             yield first

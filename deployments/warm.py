@@ -42,7 +42,6 @@ from ray import serve
 from deployments.pool_policy import NAMESPACE
 from zeroserve.config import ModelSpec, resolve_model_source
 from zeroserve.engines import Classification, Embedding, Engine, create_engine
-from zeroserve.errors import ModelUnavailableError
 from zeroserve.logs import configure_logging
 from zeroserve.protocol import GenerateParams
 from zeroserve.streams import coalesce
@@ -238,20 +237,8 @@ class WarmModel:
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """An OpenAI request for vLLM's own layer; the SSE lines already waiting go as one message
         (each message is a Ray object on the way to the replica)."""
-        engine = self._engine()
-        try:
-            async for message in coalesce(engine.openai(endpoint, body)):
-                yield message
-        except Exception as err:
-            if self._healthy():
-                raise
-            # The replica's health check fails next and Serve replaces it; the new one's attach
-            # builds the engine again. Until then the request is one to retry.
-            raise ModelUnavailableError(
-                f"model '{self.app}' lost its engine; its replica is being replaced, retry",
-                code="engine_dead",
-                retry_after_s=5,
-            ) from err
+        async for message in coalesce(self._engine().openai(endpoint, body)):
+            yield message
 
     async def health(self) -> None:
         """Raises when the engine an attached replica serves with died (vLLM's engine core)."""
