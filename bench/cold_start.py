@@ -25,7 +25,6 @@ In one run, on one cluster:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -34,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, wait
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, vllm_server, wait
 
-from zeroserve.cluster import free_port
 from zeroserve.config import parse_model_spec
-from zeroserve.engines.vllm_engine import vllm_cli_args
 
 REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-MiniLM-L6-v2": ("/v1/embeddings", {"input": "hello world", "encoding_format": "float"}),
@@ -101,22 +98,10 @@ def rss_mb(pid: int) -> float:
 def vllm_server_first_answer(args: dict[str, Any]) -> float:
     """vLLM's own OpenAI server with the engine arguments zeroserve gives vLLM: seconds from launch
     to its first answer."""
-    spec = parse_model_spec(args, VLLM)
-    assert spec.vllm is not None
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
-    argv = vllm_cli_args(spec, VLLM, str(ROOT / "models" / "tiny-llama"), cuda=False, total_bytes=None)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1"]
     route, body = REQUESTS[VLLM]
-    start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}{route}"
-        wait(lambda: httpx.post(url, json={"model": VLLM, **body}, timeout=30).status_code == 200, 600)
-        return time.perf_counter() - start
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    with vllm_server(parse_model_spec(args, VLLM), VLLM, str(ROOT / "models" / "tiny-llama")) as (base, launched):
+        wait(lambda: httpx.post(f"{base}{route}", json={"model": VLLM, **body}, timeout=30).status_code == 200, 600)
+        return time.perf_counter() - launched
 
 
 def per_request(port: int, n: int, path: str) -> dict[str, list[float]]:

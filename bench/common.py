@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from zeroserve.cluster import LocalCluster, free_port, start_local, stop_local  # noqa: E402
-from zeroserve.config import load_serve_config  # noqa: E402
+from zeroserve.config import ModelSpec, load_serve_config  # noqa: E402
 
 
 def machine() -> str:
@@ -165,3 +166,24 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+@contextmanager
+def vllm_server(spec: ModelSpec, name: str, source: str) -> Iterator[tuple[str, float]]:
+    """vLLM's own OpenAI server (a subprocess on loopback) with the engine arguments zeroserve
+    gives vLLM for ``spec``: its base URL and when it was launched (``time.perf_counter()``).
+    Stopped on exit."""
+    from zeroserve.engines.vllm_engine import vllm_cli_args
+
+    assert spec.vllm is not None
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
+    argv = vllm_cli_args(spec, name, source, cuda=False, total_bytes=None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1"]
+    launched = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}", launched
+    finally:
+        proc.terminate()
+        proc.wait(60)

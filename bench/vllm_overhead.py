@@ -31,11 +31,9 @@ from typing import Any
 
 import httpx
 import openai
-from common import ROOT, cluster, demo_config, deploy, machine, pct, wait
+from common import ROOT, cluster, demo_config, deploy, machine, pct, vllm_server, wait
 
-from zeroserve.cluster import free_port
 from zeroserve.config import ModelSpec, parse_model_spec
-from zeroserve.engines.vllm_engine import vllm_cli_args
 
 MODEL_PATH = str(ROOT / "models" / "tiny-llama")
 NAME = "tiny-llama-vllm"
@@ -111,30 +109,12 @@ def build_wide(out: Path) -> str:
     return str(out)
 
 
-def vllm_server(per_level: int, spec: ModelSpec) -> tuple[float, dict[int, dict[str, float]]]:
+def vllm_own_server(per_level: int, spec: ModelSpec) -> tuple[float, dict[int, dict[str, float]]]:
     """vLLM's own server with the engine arguments zeroserve's replica gives vLLM."""
-    assert spec.vllm is not None
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        *vllm_cli_args(spec, NAME, spec.model, cuda=False, total_bytes=None),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 600)
-        started = time.perf_counter() - start
-        return started, run_levels(f"http://127.0.0.1:{port}/v1", per_level)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    with vllm_server(spec, NAME, spec.model) as (base, launched):
+        wait(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 600)
+        started = time.perf_counter() - launched
+        return started, run_levels(f"{base}/v1", per_level)
 
 
 def zeroserve(per_level: int, args: dict[str, Any]) -> tuple[float, dict[int, dict[str, float]]]:
@@ -198,7 +178,7 @@ def main() -> None:
         "in-process (LLM)": engine_start(True, model),
         "engine-core subprocess (AsyncLLM)": engine_start(False, model),
     }
-    v_start, v = vllm_server(args.requests_per_level, parse_model_spec(app_args, NAME))
+    v_start, v = vllm_own_server(args.requests_per_level, parse_model_spec(app_args, NAME))
     z_cold, z = zeroserve(args.requests_per_level, app_args)
     import vllm
 
