@@ -256,15 +256,19 @@ class WarmModel:
         except Exception:  # noqa: BLE001 - any failure: the engine is gone
             return False
 
+    def _close_later(self, engine: Engine, delay_s: float) -> None:
+        """Shut ``engine`` down in ``delay_s``, without waiting for it (a reference is kept)."""
+        task = asyncio.get_running_loop().create_task(_close_after(engine, delay_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _forget(self) -> None:
         """Let the built engine go; one with processes of its own (vLLM's engine core) is shut
         down just after (that takes seconds, which whoever asked for the drop does not wait for)."""
         engine, self.engine, self.built_from, self.bytes = self.engine, None, "", 0
         self._unregister()
         if engine is not None:
-            task = asyncio.get_running_loop().create_task(_close_later(engine, 0.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(engine, 0.0)
         del engine
         gc.collect()
 
@@ -297,9 +301,7 @@ class WarmModel:
             await asyncio.to_thread(engine.load)
         self.engine, self.built_from = engine, built_from
         if old is not None:  # rebuilt under a replica still attached: its requests end first
-            task = asyncio.get_running_loop().create_task(_close_later(old, OLD_ENGINE_GRACE_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(old, OLD_ENGINE_GRACE_S)
         self.timings = {**getattr(engine, "timings", {}), "build_s": time.perf_counter() - started}
         self.bytes = int(getattr(engine, "host_bytes", lambda: 0)())
         if not waking and not await asyncio.to_thread(self._keep_budget):
@@ -356,7 +358,7 @@ class WarmModel:
         return total <= budget
 
 
-async def _close_later(engine: Engine, delay_s: float) -> None:
+async def _close_after(engine: Engine, delay_s: float) -> None:
     await asyncio.sleep(delay_s)
     try:
         await engine.close()
