@@ -47,6 +47,7 @@ __all__ = [
     "head_command",
     "kill_node",
     "local_redis",
+    "RedisServer",
     "ray_env",
     "read_cluster",
     "start_local",
@@ -432,6 +433,46 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+class RedisServer:
+    """A redis-server of our own on a free loopback port, which can be stopped and started again
+    on the same port with its data (append-only file in ``workdir``): a ledger outage, for real.
+
+    Raises:
+        RuntimeError: redis-server is not installed (``make services`` installs Debian's).
+    """
+
+    def __init__(self, workdir: Path, persist: bool = False) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is missing: make services installs it (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.cmd = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
+        self.cmd += ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20) -> None:
+        """Start it and wait until it answers a ping."""
+        import redis
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
 @contextlib.contextmanager
 def local_redis(workdir: Path, timeout_s: float = 20) -> Iterator[str]:
     """A throwaway redis-server on a free loopback port (the shared ledger's tests and benchmark).
@@ -441,38 +482,9 @@ def local_redis(workdir: Path, timeout_s: float = 20) -> Iterator[str]:
     Raises:
         RuntimeError: redis-server is not installed (``make services`` installs Debian's).
     """
-    import redis
-
-    server = shutil.which("redis-server")
-    if server is None:
-        raise RuntimeError("redis-server is missing: make services installs it (apt-get install redis-server)")
-    port = free_port()
-    cmd = [
-        server,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer(workdir)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield url
+        server.start(timeout_s)
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()

@@ -240,6 +240,11 @@ class LedgerSpec(_Strict):
     backend: Literal["sqlite", "redis"] = "sqlite"
     path: str = Field(default=DEFAULT_LEDGER_PATH, description="SQLite file (one machine).")
     url: str | None = Field(default=None, description="redis://host:port/db (several nodes).")
+    journal_dir: str | None = Field(
+        default=None,
+        description="Local folder where charges wait while the ledger is unreachable (default: beside the "
+        "SQLite file, or ~/.zeroserve/journal for Redis).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LedgerSpec:
@@ -255,6 +260,12 @@ class AuthSpec(_Strict):
     tiers: dict[str, TierSpec] = Field(default_factory=dict)
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     aging_s: float = Field(default=10.0, gt=0, description="Waiting this long raises a request one priority level.")
+    key_cache_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="While the ledger is unreachable, a key the ledger confirmed within this many seconds is "
+        "still accepted (so is one revoked meanwhile); other keys get a 503.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AuthSpec:

@@ -26,6 +26,7 @@ __all__ = [
     "AuthError",
     "ForbiddenError",
     "QuotaError",
+    "LedgerUnavailableError",
     "error_body",
     "MODEL_FAILED_RETRY_FACTOR",
     "model_failed",
@@ -164,6 +165,20 @@ class QuotaError(ZeroserveError):
 
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class LedgerUnavailableError(ZeroserveError):
+    """The key ledger cannot be reached and the gateway cannot decide without it (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, what: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(
+            f"the key ledger is unreachable, so {what}; retry later",
+            code="ledger_unavailable",
+            retry_after_s=retry_after_s,
+        )
 
 
 class EngineError(ZeroserveError):

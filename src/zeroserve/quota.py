@@ -14,25 +14,30 @@ replica add up to its busy time (see :class:`SharedMeter`).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
 import math
+import os
 import re
 import secrets
 import sqlite3
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from zeroserve.config import DEFAULT_LEDGER_PATH
 
 __all__ = [
+    "Charge",
+    "ChargeJournal",
     "KeyRecord",
     "Ledger",
     "SQLiteLedger",
@@ -92,6 +97,11 @@ def next_reset(ts: float) -> float:
 
 
 class Ledger(Protocol):
+    @property
+    def journal_dir(self) -> Path:
+        """Where a gateway keeps the charges this ledger could not take yet (local disk)."""
+        ...
+
     def add_key(self, key_hash: str, record: KeyRecord) -> None: ...
 
     def find_key(self, key_hash: str) -> KeyRecord | None: ...
@@ -123,11 +133,17 @@ class SQLiteLedger:
                 CREATE INDEX IF NOT EXISTS charges_by_key_day ON charges (key_id, day);
             """)
 
+    @property
+    def journal_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".journal")
+
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # Writers wait for each other briefly in WAL mode; a lock held longer is an outage,
+            # which the gateway rides out with its journal rather than hold the request.
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)
             self._local.conn = conn
         yield conn
 
@@ -189,10 +205,20 @@ class RedisLedger:
 
     def __init__(self, url: str, prefix: str = "zeroserve") -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self.r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
+        # No retries inside the client: an unreachable ledger must fail fast (the gateway then
+        # authenticates from its cache and journals charges) instead of holding each request.
+        self.r = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
         self.prefix = prefix
         self._charge = self.r.register_script(_CHARGE_ONCE)
+
+    @property
+    def journal_dir(self) -> Path:
+        return Path("~/.zeroserve/journal").expanduser() / self.prefix
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -227,6 +253,109 @@ class RedisLedger:
     def usage(self, key_id: str, day: str) -> dict[str, float]:
         raw = self.r.hgetall(self._k("usage", key_id, day))
         return {str(m): float(v) for m, v in raw.items()}  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One request's charge, as the ledger takes it."""
+
+    key_id: str
+    day: str
+    model: str
+    gpu_seconds: float
+    request_id: str
+
+
+class ChargeJournal:
+    """Charges the ledger could not take yet, kept on local disk until it can.
+
+    Each journal appends to a file of its own (``charges-<uuid>.jsonl`` in ``directory``,
+    made at the first charge, flushed and fsynced per line) and holds an exclusive ``flock``
+    on it while it lives. A journal that opens finds the files of journals that died (the
+    lock is free) and adopts them, so a gateway replica killed during an outage loses no
+    charge: the next one on the node writes them. :meth:`flush` writes every pending charge
+    and removes the files only when all are written; a charge is keyed by its request id in
+    the ledger, so writing one again after a partial flush counts it once.
+    """
+
+    PREFIX = "charges-"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._file: Any = None  # our own journal file, open and locked once a charge is kept
+        self._adopted: list[Any] = []  # files of dead journals: open, locked, removed once written
+        self.pending: list[Charge] = []
+        self._adopt()
+
+    def _adopt(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob(f"{self.PREFIX}*.jsonl")):
+            try:
+                fh = path.open("r+")
+            except FileNotFoundError:  # written and removed by its owner meanwhile
+                continue
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its journal is alive
+                fh.close()
+                continue
+            if not path.exists():  # removed between our open and our lock
+                fh.close()
+                continue
+            self.pending.extend(self._read(fh))
+            self._adopted.append(fh)
+
+    @staticmethod
+    def _read(fh: Any) -> list[Charge]:
+        out = []
+        for line in fh.read().splitlines():
+            try:
+                out.append(Charge(**json.loads(line)))
+            except (ValueError, TypeError):  # a line cut short by a crash mid-write: never fsynced
+                continue
+        return out
+
+    def add(self, charge: Charge) -> None:
+        """Keep ``charge`` on disk (durable when this returns)."""
+        with self._lock:
+            if self._file is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._file = (self.directory / f"{self.PREFIX}{uuid.uuid4().hex}.jsonl").open("a+")
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            self._file.write(json.dumps(asdict(charge)) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self.pending.append(charge)
+
+    def pending_seconds(self, key_id: str, day: str) -> float:
+        with self._lock:
+            return sum(c.gpu_seconds for c in self.pending if c.key_id == key_id and c.day == day)
+
+    def flush(self, ledger: Ledger) -> int:
+        """Write every pending charge to ``ledger``; return how many were written.
+
+        Charges kept meanwhile wait for the next flush. One flush at a time.
+
+        Raises:
+            Exception: whatever the ledger raised; what was not written stays pending.
+        """
+        with self._flushing:
+            with self._lock:
+                batch = list(self.pending)
+            for c in batch:
+                ledger.charge(c.key_id, c.day, c.model, c.gpu_seconds, c.request_id)
+                with self._lock:
+                    self.pending.pop(0)  # adds append, only a flush removes: the oldest is ``c``
+            with self._lock:
+                if not self.pending:
+                    for fh in [*self._adopted, *([self._file] if self._file is not None else [])]:
+                        Path(fh.name).unlink(missing_ok=True)  # removed while locked: never adopted again
+                        fh.close()
+                    self._adopted, self._file = [], None
+            return len(batch)
 
 
 def open_ledger(backend: str, path: str | None = None, url: str | None = None) -> Ledger:

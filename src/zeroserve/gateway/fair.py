@@ -3,7 +3,8 @@
 - :class:`FairShare` authenticates API keys, applies each tier's rate, concurrency and
   model limits, refuses a request whose predicted cost exceeds what is left of the daily
   GPU-second budget (up front, with the reset time), and records each request's metered
-  charge in the ledger once.
+  charge in the ledger once. While the ledger is unreachable it keeps serving the keys it
+  confirmed recently and keeps their charges in a local journal (see :meth:`FairShare.charge`).
 - :class:`Dispatcher` holds each model's requests beyond its capacity and releases them by
   priority (tier first, then shorter predicted work), with aging so low tiers never starve.
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,8 +20,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroserve.config import AuthSpec
-from zeroserve.errors import AuthError, ForbiddenError, QuotaError
-from zeroserve.quota import KeyRecord, Ledger, RateLimiter, day_of, hash_key, next_reset, parse_bearer, priority_order
+from zeroserve.errors import AuthError, ForbiddenError, LedgerUnavailableError, QuotaError
+from zeroserve.quota import (
+    Charge,
+    ChargeJournal,
+    KeyRecord,
+    Ledger,
+    RateLimiter,
+    day_of,
+    hash_key,
+    next_reset,
+    parse_bearer,
+    priority_order,
+)
+
+logger = logging.getLogger("zeroserve.gateway")
 
 __all__ = ["AuthError", "Dispatcher", "FairShare", "ForbiddenError", "Grant", "QueueFull", "QuotaError"]
 
@@ -49,22 +64,79 @@ class Grant:
         return out
 
 
+class _LedgerDown(Exception):
+    """A ledger call failed (unreachable, locked, full): the policies below decide what follows."""
+
+
 class FairShare:
     """Keys, limits, budgets and the ledger.
+
+    When the ledger cannot be reached, one policy per operation (docs/reliability.md):
+
+    - authenticating: a key the ledger confirmed within ``auth.key_cache_s`` is accepted from
+      memory; any other key gets a 503 ``ledger_unavailable`` with ``Retry-After``;
+    - the budget: the used seconds last read, plus the charges journaled since;
+    - a charge: kept in the local :class:`ChargeJournal` and written when the ledger answers
+      again (in the background, oldest first; every later charge joins the journal until it is
+      empty, so none overtakes it);
+    - ``GET /v1/usage``: writes the journal first, and is a 503 until it can.
 
     Args:
         auth: the gateway's auth config.
         ledger: where keys and charges live (None when auth is off).
         clock: wall-clock seconds (injectable for tests).
+        journal: where charges wait for the ledger (default: ``auth.ledger.journal_dir``, else the
+            ledger's own ``journal_dir``).
     """
 
-    def __init__(self, auth: AuthSpec, ledger: Ledger | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        auth: AuthSpec,
+        ledger: Ledger | None,
+        clock: Callable[[], float] = time.time,
+        journal: ChargeJournal | None = None,
+    ) -> None:
         self.auth = auth
         self.ledger = ledger
         self.clock = clock
         self.rate = RateLimiter(time.monotonic)
         self.concurrent: Counter[str] = Counter()
         self.per_token_s: dict[str, float] = {}  # measured GPU-seconds per output token, by model
+        if journal is None and ledger is not None:
+            journal = ChargeJournal(auth.ledger.journal_dir or ledger.journal_dir)
+        self.journal = journal
+        self.known: dict[str, tuple[KeyRecord, float]] = {}  # key hash -> record, when the ledger said so
+        self.used: dict[str, tuple[str, float]] = {}  # key id -> (day, GPU-s in the ledger at the last read)
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _ledger(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as err:  # noqa: BLE001 - sqlite3, redis and OS errors alike: the ledger is down
+            logger.warning("the key ledger failed (%s: %s)", type(err).__name__, err)
+            raise _LedgerDown from err
+
+    @property
+    def pending_charges(self) -> int:
+        return len(self.journal.pending) if self.journal is not None else 0
+
+    def _keep_flushing(self) -> None:
+        """Write the journal in the background until it is empty (one task at a time)."""
+        if self.pending_charges and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_until_empty())
+
+    async def _flush_until_empty(self, first_wait_s: float = 0.5, max_wait_s: float = 5.0) -> None:
+        assert self.journal is not None and self.ledger is not None
+        wait = first_wait_s
+        while self.journal.pending:
+            try:
+                written = await self._ledger(self.journal.flush, self.ledger)
+            except _LedgerDown:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, max_wait_s)
+            else:
+                logger.info("the key ledger is back: wrote %d journaled charges", written)
+                wait = first_wait_s
 
     @property
     def enabled(self) -> bool:
@@ -78,18 +150,34 @@ class FairShare:
         """
         if not self.enabled:
             return Grant()
+        self._keep_flushing()  # charges a dead replica left in the journal, or ours
         key = parse_bearer(authorization)
         if key is None:
             raise AuthError("a valid API key is required: Authorization: Bearer zs-...", code="invalid_api_key")
         # Looked up every time, so a revoked key stops at once: one primary-key read.
         assert self.ledger is not None
-        record = await asyncio.to_thread(self.ledger.find_key, hash_key(key))
+        key_hash = hash_key(key)
+        try:
+            record = await self._ledger(self.ledger.find_key, key_hash)
+        except _LedgerDown:
+            record = self._known(key_hash)
+        else:
+            if record is None:
+                self.known.pop(key_hash, None)
+            else:
+                self.known[key_hash] = (record, time.monotonic())
         if record is None or record.revoked:
             raise AuthError("the API key is unknown or revoked", code="invalid_api_key")
         tier = self.auth.tiers.get(record.tier)
         if tier is None:
             raise ForbiddenError(f"the key's tier {record.tier!r} is not configured", code="unknown_tier")
         return Grant(key=record, priority=tier.priority, budget=tier.daily_gpu_seconds, reset=next_reset(self.clock()))
+
+    def _known(self, key_hash: str) -> KeyRecord:
+        record, confirmed = self.known.get(key_hash, (None, 0.0))
+        if record is None or time.monotonic() - confirmed > self.auth.key_cache_s:
+            raise LedgerUnavailableError("this API key cannot be checked")
+        return record
 
     async def check(self, grant: Grant, model: str, max_tokens: int | None) -> None:
         """Apply the tier's model, rate, concurrency and budget limits; count the request.
@@ -125,9 +213,17 @@ class FairShare:
             raise
 
     async def _check_budget(self, grant: Grant, budget: float, model: str, max_tokens: int | None) -> None:
-        assert self.ledger is not None and grant.key is not None
+        assert self.ledger is not None and self.journal is not None and grant.key is not None
         now = self.clock()
-        used = sum((await asyncio.to_thread(self.ledger.usage, grant.key.key_id, day_of(now))).values())
+        key_id, day = grant.key.key_id, day_of(now)
+        try:
+            used = sum((await self._ledger(self.ledger.usage, key_id, day)).values())
+            self.used[key_id] = (day, used)
+        except _LedgerDown:
+            last_day, used = self.used.get(key_id, ("", 0.0))
+            if last_day != day:
+                raise LedgerUnavailableError("what is left of this key's budget is unknown") from None
+        used += self.journal.pending_seconds(key_id, day)  # served here, not in the ledger yet
         grant.used_before = used
         remaining = budget - used
         grant.predicted_s = (max_tokens or 0) * self.per_token_s.get(model, 0.0)
@@ -149,19 +245,49 @@ class FairShare:
             self.concurrent[grant.key.key_id] -= 1
 
     async def charge(self, grant: Grant, model: str, gpu_s: float, request_id: str, completion_tokens: int = 0) -> None:
-        """Record a request's metered GPU-seconds once, and learn the model's cost per token."""
+        """Record a request's metered GPU-seconds once, and learn the model's cost per token.
+
+        If the ledger fails, or charges already wait in the journal, the charge joins the
+        journal (on disk before this returns) and a background task writes it later.
+
+        Raises:
+            OSError: the journal could not be written either (the charge is lost; logged by the caller).
+        """
         if completion_tokens > 0 and gpu_s > 0:
             per_token = gpu_s / completion_tokens
             old = self.per_token_s.get(model)
             self.per_token_s[model] = per_token if old is None else 0.8 * old + 0.2 * per_token
-        if grant.key is None or self.ledger is None:
+        if grant.key is None or self.ledger is None or self.journal is None:
             return
-        await asyncio.to_thread(self.ledger.charge, grant.key.key_id, day_of(self.clock()), model, gpu_s, request_id)
+        charge = Charge(grant.key.key_id, day_of(self.clock()), model, gpu_s, request_id)
+        if not self.journal.pending:
+            try:
+                await self._ledger(self.ledger.charge, *vars(charge).values())
+            except _LedgerDown:
+                pass
+            else:
+                last_day, used = self.used.get(charge.key_id, ("", 0.0))
+                if last_day == charge.day:  # so that the last read stays current for an outage
+                    self.used[charge.key_id] = (last_day, used + gpu_s)
+                return
+        await asyncio.to_thread(self.journal.add, charge)
+        self._keep_flushing()
 
     async def usage(self, grant: Grant) -> dict[str, Any]:
-        assert grant.key is not None and self.ledger is not None and grant.budget is not None
+        """The key's usage today, journaled charges included.
+
+        Raises:
+            LedgerUnavailableError: the ledger is unreachable, or the journal cannot be written to it yet.
+        """
+        assert grant.key is not None and self.ledger is not None and self.journal is not None
+        assert grant.budget is not None
         now = self.clock()
-        by_model = await asyncio.to_thread(self.ledger.usage, grant.key.key_id, day_of(now))
+        try:
+            if self.journal.pending:
+                await self._ledger(self.journal.flush, self.ledger)
+            by_model = await self._ledger(self.ledger.usage, grant.key.key_id, day_of(now))
+        except _LedgerDown:
+            raise LedgerUnavailableError("today's usage cannot be read") from None
         used = sum(by_model.values())
         return {
             "object": "usage",
