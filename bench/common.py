@@ -72,10 +72,15 @@ def cluster(env: dict[str, str] | None = None) -> Iterator[tuple[LocalCluster, i
 
 
 def demo_config(port: int, autoscaling: dict[str, Any] | None = None, only: Collection[str] = ()) -> dict[str, Any]:
-    """The demo config on ``port``; ``only``: the gateway and just these models."""
+    """The demo config on ``port``, API keys off; ``only``: the gateway and just these models.
+
+    The demo's keys are off here: these figures are of serving, and bench/quota_overhead.py
+    measures what keys and the ledger add (it turns them on itself).
+    """
     cfg = copy.deepcopy(load_serve_config(ROOT / "serve_config.demo.yaml"))
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     gateway, *models = cfg["applications"]
+    gateway["args"] = {**gateway["args"], "auth": {"enabled": False}}
     cfg["applications"] = [gateway, *(a for a in models if not only or a["name"] in only)]
     for app in cfg["applications"][1:]:
         app["args"]["autoscaling"] = {**app["args"].get("autoscaling", {}), **(autoscaling or {})}

@@ -397,7 +397,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     try:
         config = _load_config(args.config)
-        _, models = validate_serve_config(config)
+        gateway, models = validate_serve_config(config)
         http = config.get("http_options") or {}
         if not isinstance(http, dict):
             raise ConfigError(f"http_options = {http!r}: expected a mapping (host, port)")
@@ -422,11 +422,29 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not wait_ready(base_url, args.timeout, expect_models=len(models)):
         _print(f"the gateway did not become ready within {args.timeout:.0f} s; see `serve status -a {address}`")
         return 1
+    key_file, created = None, False
+    if gateway.auth.enabled and args.address is None:
+        # A local demo: one key of the first tier, kept in the run folder (as Jupyter prints its
+        # token), so that the first request already shows the quota headers and /v1/usage.
+        key_file = args.run_dir / "demo-key"
+        try:
+            created = ensure_demo_key(gateway.auth, key_file)
+        except Exception as err:  # noqa: BLE001 - sqlite3/redis/OS errors: the deploy itself succeeded
+            _print(f"could not make a demo API key in the ledger: {err}")
+            key_file = None
     first = next(iter(models), "MODEL")
     _print("")
     _print(f"  OpenAI endpoint : {base_url}/v1")
+    if key_file is not None:
+        tier = next(iter(gateway.auth.tiers))
+        _print(f"  API key         : {key_file.read_text().strip()}")
+        _print(f"                    (tier {tier}; {'new, ' if created else ''}kept in {key_file})")
+    elif gateway.auth.enabled:
+        _print(f"  API keys        : zeroserve keys create --tier TIER --config {args.config}")
     _print(f"  Ray dashboard   : {address}")
     _print(f"  models          : {base_url}/v1/models")
+    if key_file is not None:
+        _print(f'  usage today     : curl {base_url}/v1/usage -H "Authorization: Bearer $(cat {key_file})"')
     _print("  try             :")
     task = models[first].task if models else "embed"
     if task == "embed":
@@ -435,8 +453,31 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         body = f'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
         route = "chat/completions"
-    _print(f"    curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{body}'")
+    auth = f' -H "Authorization: Bearer $(cat {key_file})"' if key_file is not None else ""
+    _print(f"    curl -i {base_url}/v1/{route}{auth} -H 'Content-Type: application/json' -d '{body}'")
     return 0
+
+
+def ensure_demo_key(auth: Any, key_file: Path) -> bool:
+    """Make sure ``key_file`` holds a live key of the config's first tier; True if one was made.
+
+    A key already in the file is kept while the ledger knows it, unrevoked, in a configured tier.
+    """
+    from zeroserve.quota import KeyRecord, hash_key, new_key, open_ledger, parse_bearer
+
+    ledger = open_ledger(auth.ledger.backend, auth.ledger.path, auth.ledger.url)
+    if key_file.exists():
+        key = parse_bearer(f"Bearer {key_file.read_text().strip()}")
+        record = ledger.find_key(hash_key(key)) if key else None
+        if record is not None and not record.revoked and record.tier in auth.tiers:
+            return False
+    key, key_id = new_key()
+    ledger.add_key(hash_key(key), KeyRecord(key_id, "demo", next(iter(auth.tiers)), time.time()))
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.chmod(0o600)
+    key_file.write_text(key + "\n")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

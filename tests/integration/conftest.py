@@ -87,12 +87,15 @@ class Pool:
         return {a["name"]: {**a["args"], **overrides} for a in self.config()["applications"][1:] if a["name"] in names}
 
     def config(self, models: dict[str, dict[str, Any]] | None = None, **gateway_args: Any) -> dict[str, Any]:
-        """The demo config on this pool's port, with fast autoscaling; ``models`` replaces its models."""
+        """The demo config on this pool's port, with fast autoscaling; ``models`` replaces its models.
+
+        API keys are off unless ``auth`` is given (test_demo_keys deploys the demo's own).
+        """
         cfg = load_serve_config(ROOT / "serve_config.demo.yaml")
         cfg["http_options"] = {"host": "127.0.0.1", "port": self.http_port}
         apps = cfg["applications"]
         gateway = apps[0]
-        gateway["args"] = {**gateway["args"], **gateway_args}
+        gateway["args"] = {**gateway["args"], "auth": {"enabled": False}, **gateway_args}
         if models is None:
             # The demo's own delays are minutes long: the fast ones win here.
             models = {
