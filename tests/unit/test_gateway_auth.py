@@ -76,19 +76,20 @@ async def test_tier_models_quota_headers_and_usage(setup: tuple[httpx.AsyncClien
     )
     assert resp.status_code == 403 and resp.json()["error"]["param"] == "model"
     charges = []
-    for _ in range(3):  # the fake engine charges 0.1 GPU-s per input
+    for _ in range(2):  # the fake engine charges 0.1 GPU-s per input
         resp = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})
         assert resp.status_code == 200
         charges.append(float(resp.headers["x-zeroserve-gpu-seconds"]))
         assert resp.headers["x-zeroserve-quota-reset"].endswith("T00:00:00Z")
-    assert float(resp.headers["x-zeroserve-quota-remaining"]) == pytest.approx(0.0)  # 0.25 - 0.3, floored at 0
+    assert float(resp.headers["x-zeroserve-quota-remaining"]) == pytest.approx(0.05)
+    # A third input would cost 0.1 (learned from the first two) and 0.05 is left: refused up front.
     refused = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
     assert int(refused.headers["retry-after"]) > 0 and "resets at" in refused.json()["error"]["message"]
     usage = (await client.get("/v1/usage", headers=auth)).json()
     assert usage["gpu_seconds_used"] == pytest.approx(sum(charges))
     assert usage["gpu_seconds_by_model"] == {"emb": pytest.approx(sum(charges))}
-    assert usage["tier"] == "free" and usage["gpu_seconds_remaining"] == 0
+    assert usage["tier"] == "free" and usage["gpu_seconds_remaining"] == pytest.approx(0.05)
 
 
 async def test_a_repeated_request_id_is_still_charged_each_time(setup: tuple[httpx.AsyncClient, str, str]) -> None:
@@ -100,3 +101,23 @@ async def test_a_repeated_request_id_is_still_charged_each_time(setup: tuple[htt
         ).status_code == 200
     usage = (await client.get("/v1/usage", headers={"authorization": f"Bearer {pro}"})).json()
     assert usage["gpu_seconds_used"] == pytest.approx(0.3)
+
+
+async def test_an_embedding_predicted_over_the_budget_is_refused_before_it_runs(tmp_path: Path) -> None:
+    spec = GatewaySpec.model_validate({"auth": {"enabled": True, "tiers": {"free": {"daily_gpu_seconds": 0.25}}}})
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    key, key_id = new_key()
+    ledger.add_key(hash_key(key), KeyRecord(key_id, "", "free", 0.0))
+    backend = FakeBackend()
+    app = create_app(spec, backend, ledger=ledger)
+    auth = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        # The fake engine charges 0.1 GPU-s per input: the first request teaches the gateway so.
+        assert (await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})).status_code == 200
+        calls = len(backend.calls)
+        three = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": ["a", "b", "c"]})
+        assert three.status_code == 429 and three.json()["error"]["code"] == "quota_exceeded", three.text
+        assert "would cost about 0.300 GPU-seconds and 0.150 are left" in three.json()["error"]["message"]
+        assert len(backend.calls) == calls  # refused up front: the model never saw it
+        one = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "a"})
+        assert one.status_code == 200

@@ -117,7 +117,7 @@ async def test_admission_refused_gives_back_the_key_slot(tmp_path: Path) -> None
 
 async def test_a_refused_key_holds_nothing(tmp_path: Path) -> None:
     state, grant, backend = await asyncio.to_thread(_state, tmp_path)
-    state.fair.per_token_s["gen"] = 10.0  # a predicted cost above the day's budget
+    state.fair.per_unit_s["gen"] = 10.0  # a predicted cost above the day's budget
     with pytest.raises(QuotaError):
         await admit(state, _log(), grant, backend.entries["gen"], 64)
     assert _held(state, grant, "gen") == (0, 0, 0)

@@ -101,7 +101,9 @@ class FairShare:
         self.clock = clock
         self.rate = RateLimiter(time.monotonic)
         self.concurrent: Counter[str] = Counter()
-        self.per_token_s: dict[str, float] = {}  # measured GPU-seconds per output token, by model
+        # Measured GPU-seconds per unit of work, by model: per output token for a generator, per
+        # input for embeddings and classification (a model serves one task).
+        self.per_unit_s: dict[str, float] = {}
         if journal is None and ledger is not None:
             journal = ChargeJournal(auth.ledger.journal_dir or ledger.journal_dir)
         self.journal = journal
@@ -179,8 +181,12 @@ class FairShare:
             raise LedgerUnavailableError("this API key cannot be checked")
         return record
 
-    async def check(self, grant: Grant, model: str, max_tokens: int | None) -> None:
+    async def check(self, grant: Grant, model: str, units: int | None) -> None:
         """Apply the tier's model, rate, concurrency and budget limits; count the request.
+
+        ``units``: the most work the request can ask for (``max_tokens`` of a generation, the
+        number of inputs of an embedding or classification); with the model's measured cost per
+        unit it predicts the request's cost, refused up front when more than is left.
 
         Raises:
             ForbiddenError: the tier may not use ``model`` (403).
@@ -207,12 +213,12 @@ class FairShare:
         self.concurrent[record.key_id] += 1
         grant.counted = True
         try:
-            await self._check_budget(grant, tier.daily_gpu_seconds, model, max_tokens)
+            await self._check_budget(grant, tier.daily_gpu_seconds, model, units)
         except BaseException:
             self.release(grant)
             raise
 
-    async def _check_budget(self, grant: Grant, budget: float, model: str, max_tokens: int | None) -> None:
+    async def _check_budget(self, grant: Grant, budget: float, model: str, units: int | None) -> None:
         assert self.ledger is not None and self.journal is not None and grant.key is not None
         now = self.clock()
         key_id, day = grant.key.key_id, day_of(now)
@@ -226,7 +232,7 @@ class FairShare:
         used += self.journal.pending_seconds(key_id, day)  # served here, not in the ledger yet
         grant.used_before = used
         remaining = budget - used
-        grant.predicted_s = (max_tokens or 0) * self.per_token_s.get(model, 0.0)
+        grant.predicted_s = (units or 0) * self.per_unit_s.get(model, 0.0)
         if remaining <= 0 or grant.predicted_s > remaining:
             why = (
                 f"the daily budget of {budget:g} GPU-seconds is used up"
@@ -244,8 +250,9 @@ class FairShare:
             grant.counted = False
             self.concurrent[grant.key.key_id] -= 1
 
-    async def charge(self, grant: Grant, model: str, gpu_s: float, request_id: str, completion_tokens: int = 0) -> None:
-        """Record a request's metered GPU-seconds once, and learn the model's cost per token.
+    async def charge(self, grant: Grant, model: str, gpu_s: float, request_id: str, units: int = 0) -> None:
+        """Record a request's metered GPU-seconds once, and learn the model's cost per unit of work
+        (``units``: the output tokens of a generation, the inputs of an embedding or classification).
 
         If the ledger fails, or charges already wait in the journal, the charge joins the
         journal (on disk before this returns) and a background task writes it later.
@@ -253,10 +260,10 @@ class FairShare:
         Raises:
             OSError: the journal could not be written either (the charge is lost; logged by the caller).
         """
-        if completion_tokens > 0 and gpu_s > 0:
-            per_token = gpu_s / completion_tokens
-            old = self.per_token_s.get(model)
-            self.per_token_s[model] = per_token if old is None else 0.8 * old + 0.2 * per_token
+        if units > 0 and gpu_s > 0:
+            per_unit = gpu_s / units
+            old = self.per_unit_s.get(model)
+            self.per_unit_s[model] = per_unit if old is None else 0.8 * old + 0.2 * per_unit
         if grant.key is None or self.ledger is None or self.journal is None:
             return
         charge = Charge(grant.key.key_id, day_of(self.clock()), model, gpu_s, request_id)

@@ -104,7 +104,7 @@ class Lease:
             self.released = True
             self.slots.close()
 
-    async def settle(self, gpu_s: float, completion_tokens: int = 0) -> None:
+    async def settle(self, gpu_s: float, units: int = 0) -> None:
         """Charge the request ``gpu_s`` (once; later calls do nothing). A ledger failure is logged,
         never raised: the answer is already out."""
         if self.settled:
@@ -112,7 +112,7 @@ class Lease:
         self.settled = True
         self.log.gpu_s = gpu_s
         try:
-            await self.state.fair.charge(self.grant, self.entry.name, gpu_s, self.charge_id, completion_tokens)
+            await self.state.fair.charge(self.grant, self.entry.name, gpu_s, self.charge_id, units)
         except Exception:  # noqa: BLE001 - the ledger must not turn a served request into an error
             logger.exception("[%s] could not record a charge of %.6f GPU-s", self.log.request_id, gpu_s)
 
@@ -129,8 +129,11 @@ class Lease:
         return self.grant.headers(charged)
 
 
-async def admit(state: GatewayState, log: RequestLog, grant: Grant, entry: ModelEntry, max_tokens: int | None) -> Lease:
+async def admit(state: GatewayState, log: RequestLog, grant: Grant, entry: ModelEntry, units: int | None) -> Lease:
     """Limits, load shedding, then a turn by priority once the model's capacity is in use.
+
+    ``units``: the most work the request asks for (``max_tokens``, or the number of inputs),
+    which predicts its cost for the key's budget (:meth:`FairShare.check`).
 
     Raises:
         ForbiddenError, QuotaError: the key's limits (403, 429).
@@ -143,7 +146,7 @@ async def admit(state: GatewayState, log: RequestLog, grant: Grant, entry: Model
     # wait: beyond it a request is shed at once instead of waiting out its timeout.
     max_waiting = entry.spec.max_queued_requests * replicas
     with contextlib.ExitStack() as slots:
-        await state.fair.check(grant, entry.name, max_tokens)
+        await state.fair.check(grant, entry.name, units)
         slots.callback(state.fair.release, grant)
         state.admission.acquire(entry.name)
         slots.callback(state.admission.release, entry.name)

@@ -43,12 +43,13 @@ class EncodeServing(Serving):
         req: EmbeddingRequest | ClassifyRequest = (
             validate(resolved.data, EmbeddingRequest) if embed else validate(resolved.data, ClassifyRequest)
         )
-        lease = await admit(self.state, resolved.log, resolved.grant, entry, None)
+        texts = req.texts()
+        lease = await admit(self.state, resolved.log, resolved.grant, entry, len(texts))
         backend = self.state.backend
         call: Awaitable[Sequence[Embedding] | Sequence[Classification]] = (
-            backend.embed(entry, req.texts(), req.dimensions)
+            backend.embed(entry, texts, req.dimensions)
             if isinstance(req, EmbeddingRequest)
-            else backend.classify(entry, req.texts())
+            else backend.classify(entry, texts)
         )
         try:
             result: Sequence[Any] = await bounded(self.state, entry, call, lease.grant.priority, lease.log)
@@ -57,7 +58,7 @@ class EncodeServing(Serving):
         tokens = sum(r.num_tokens for r in result)
         self.record_tokens(resolved.log, entry, tokens, 0)
         gpu_s = sum(r.gpu_s for r in result)
-        await lease.settle(gpu_s)
+        await lease.settle(gpu_s, len(texts))
         if isinstance(req, EmbeddingRequest):
             body = embeddings_body(entry.name, result, req.encoding_format)
         else:
