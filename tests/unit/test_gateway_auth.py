@@ -113,7 +113,8 @@ async def test_an_embedding_predicted_over_the_budget_is_refused_before_it_runs(
     auth = {"authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         # The fake engine charges 0.1 GPU-s per input: the first request teaches the gateway so.
-        assert (await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})).status_code == 200
+        first = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": "x"})
+        assert first.status_code == 200
         calls = len(backend.calls)
         three = await client.post("/v1/embeddings", headers=auth, json={"model": "emb", "input": ["a", "b", "c"]})
         assert three.status_code == 429 and three.json()["error"]["code"] == "quota_exceeded", three.text
