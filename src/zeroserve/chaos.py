@@ -2,7 +2,8 @@
 
 Each fault is what production does to a pool: a model replica's process killed
 (SIGKILL, as the OOM killer does), a gateway replica or the Serve controller killed
-through Ray (``ray.kill``, as a lost node or an operator does). :func:`run_faults` runs
+through Ray (``ray.kill``, as an operator does), or a whole machine lost at once (every
+process of a local node SIGKILLed together, as a power loss would). :func:`run_faults` runs
 a bounded load (:mod:`zeroserve.loadgen`), injects the faults one after another while
 it flows, and times how long the pool takes to return to full service after each.
 
@@ -27,13 +28,13 @@ from typing import Any, Literal
 
 import httpx
 
-from zeroserve.cluster import LOOPBACK_ENV
+from zeroserve.cluster import LOOPBACK_ENV, kill_node
 from zeroserve.loadgen import Shot, Tally, run_load
 
 __all__ = ["Fault", "FaultResult", "Pool", "Report", "ray_kill", "run_faults"]
 
 CONTROLLER = "SERVE_CONTROLLER_ACTOR"
-FaultKind = Literal["sigkill_model_replica", "ray_kill_gateway_replica", "ray_kill_controller"]
+FaultKind = Literal["sigkill_model_replica", "ray_kill_gateway_replica", "ray_kill_controller", "lose_node"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Pool:
 @dataclass(frozen=True)
 class Fault:
     kind: FaultKind
-    app: str = ""  # the model (or "gateway") whose replica is hit
+    app: str = ""  # the model (or "gateway") whose replica is hit; lose_node: whose machine is lost
 
 
 @dataclass
@@ -142,6 +143,19 @@ def _inject(pool: Pool, fault: Fault) -> tuple[Callable[[], bool], str]:
     wanted = len(victims)
     if fault.kind == "sigkill_model_replica":
         os.kill(int(victim["pid"]), signal.SIGKILL)
+    elif fault.kind == "lose_node":
+        head = pool.details().get("controller_info", {}).get("node_id")
+        if victim.get("node_id") == head:
+            raise RuntimeError(f"{fault.app!r} runs on the head node (the controller's): not losing the head")
+        # A local node is one session (its `ray start`, raylet, workers): all of it goes at once.
+        session = os.getsid(int(victim["pid"]))
+        kill_node(session)
+
+        def moved() -> bool:
+            running = pool.running(fault.app)
+            return bool(running) and all(r.get("node_id") != victim.get("node_id") for r in running)
+
+        return moved, f"node {str(victim.get('node_id'))[:8]} (session {session}) with {fault.app}"
     else:
         ray_kill(pool.ray_address, str(victim["actor_name"]))
 

@@ -303,12 +303,23 @@ def add_node(
     return proc.pid
 
 
-def kill_node(pgid: int) -> None:
-    """Kill a node abruptly (SIGKILL to its process group), as a lost machine would go."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill_node(sid: int) -> None:
+    """Lose a node as a machine loss would: SIGKILL to every process of it at once.
+
+    ``sid`` is the node's session (its ``ray start``, from :func:`add_node`). Ray gives each
+    worker a process group of its own, but they all stay in the node's session, so the
+    raylet, its workers (model replicas, warm copies) and their children all go together.
+    """
+    for _ in range(10):  # a process forked meanwhile is caught by the next pass
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
 
 
 def drain_gateway(cluster: LocalCluster, timeout_s: float = 120) -> float | None:

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 from ray.util.state import list_nodes
 
+from zeroserve.chaos import Fault, run_faults
 from zeroserve.cluster import add_node, kill_node
+from zeroserve.loadgen import Shot
 
 from .conftest import WARM, Pool, wait_for
 
@@ -74,8 +76,10 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
         }
         assert {tuple(v) for v in listed.values()} == {(n,) for n in per_node}
 
-        # Lose the second node abruptly. Its models cannot move (the head's GPU is full):
-        # their requests are refused clearly within their bound; the head's models keep serving.
+        # Lose the second machine at once (every process of the node). Its models cannot move
+        # (the head's GPU is full): their requests are refused clearly within their bound, also
+        # the one whose call Ray would leave waiting until the request timeout (the gateway sees
+        # the node gone); the head's models keep serving.
         head_node = next(n.node_id for n in list_nodes(address=pool.cluster.dashboard_url) if n.is_head_node)
         lost = [m for m, n in placement.items() if n != head_node]
         kept = [m for m, n in placement.items() if n == head_node]
@@ -109,3 +113,40 @@ def test_a_cold_model_evicts_an_idle_one_on_a_node_where_it_then_fits(joinable_p
         assert len(gone) == 1, gone
         (y8,) = [r["node_id"] for r in pool.replicas("y8") if r.get("state") == "RUNNING"]
         assert y8 == placement[gone[0]]
+
+
+def test_a_lost_machine_under_load_loses_no_request(joinable_pool: Pool) -> None:
+    """Four half-GPU models, two per node, awake; a load on one model of each node; the second
+    machine lost at once. Every request is answered or refused with Retry-After (none hangs or
+    is cut), and the lost model comes back on the head once an idle model there yields its half."""
+    pool = joinable_pool
+    with _second_node(pool):
+        awake = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "downscale_to_zero_delay_s": 600}
+        half = {**ARGS, "gpu_fraction": 0.5, "warm": False, "min_hold_s": 1, "cold_start_timeout_s": 60}
+        models = {f"h{i}": {**half, "autoscaling": awake} for i in range(4)}
+        pool.deploy(pool.config(models), timeout_s=300)
+        wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 300, "four replicas running")
+        head = next(n.node_id for n in list_nodes(address=pool.cluster.dashboard_url) if n.is_head_node)
+        on_head = [m for m in models if pool.replicas(m)[0]["node_id"] == head]
+        lost = [m for m in models if m not in on_head]
+        assert len(on_head) == 2 and len(lost) == 2, on_head
+
+        # The load: one model that loses its machine, one on the head (busy, so it never yields).
+        shots = [Shot("classify", lost[0]), Shot("classify", on_head[0])]
+        report = run_faults(
+            pool.view, shots, [Fault("lose_node", lost[0])], requests=100_000, concurrency=3, recover_within_s=120
+        )
+        tally = report.tally
+        assert report.judge() == [], (
+            report.judge(),
+            tally.reasons(),
+            [
+                (d["status"], d["message"], [(r["state"], r.get("node_id")) for r in d["replicas"]])
+                for d in pool.details()["applications"][lost[0]]["deployments"].values()
+            ],
+        )
+        assert tally.count("lost") == 0, [(o.shot.model, o.status, o.reason) for o in tally.lost()][:5]
+        assert any(o.shot.model == lost[0] and o.verdict == "retryable" for o in tally.outcomes), tally.summary()
+        # Back on the head, in the half the idle head model gave up.
+        assert [r["node_id"] for r in pool.replicas(lost[0]) if r.get("state") == "RUNNING"] == [head]
+        assert not pool.running_replica_ids(on_head[1])

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
+import pytest
 
 from zeroserve.config import GatewaySpec, ModelSpec
 from zeroserve.engines.base import Embedding
-from zeroserve.gateway import ModelEntry, ModelState, create_app
+from zeroserve.gateway import ModelEntry, ModelState, create_app, waits
+from zeroserve.wire import Accepted, Delta
 
 from .gateway_support import FakeBackend
 
@@ -71,3 +74,68 @@ async def test_a_model_removed_while_its_request_waits_is_a_clear_503() -> None:
     await remover
     assert resp.status_code == 503
     assert "removed" in resp.json()["error"]["message"]
+
+
+class _LostNodeBackend(FakeBackend):
+    """Models on node n1, which vanishes while their calls are in flight: the calls never end
+    (as Ray's do not, until it declares the node dead), and n1 leaves the node list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("emb", "gen"):
+            self.entries[name] = dataclasses.replace(self.entries[name], replica_nodes=("n1",))
+        self.nodes = {"n1": 1.0, "head": 1.0}
+        self.lost = asyncio.Event()
+
+    async def gpus(self) -> dict[str, float]:
+        return dict(self.nodes)
+
+    def lose_n1(self) -> None:
+        del self.nodes["n1"]
+        self.lost.set()
+
+    async def embed(self, entry: ModelEntry, texts: Sequence[str], dimensions: int | None) -> list[Embedding]:
+        self.lose_n1()
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    async def stream(self, entry: ModelEntry, prompt: object, params: object) -> AsyncIterator[object]:
+        yield Accepted(3)
+        yield Delta(0, "Hel", completion_tokens=1)
+        self.lose_n1()
+        await asyncio.sleep(60)
+        yield Delta(0, "lo", "stop", completion_tokens=2)
+
+
+async def test_a_lost_machine_is_a_503_or_an_error_event_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(waits, "NODE_POLL_S", 0.05)
+    backend = _LostNodeBackend()
+    app = create_app(GatewaySpec(request_timeout_s=60), backend)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        started = time.monotonic()
+        resp = await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "replica_died", resp.text
+        assert int(resp.headers["retry-after"]) >= 1
+        assert time.monotonic() - started < 30  # long before the request's 60 s bound
+
+        backend.nodes["n1"] = 1.0
+        body = {"model": "gen", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+            assert stream.status_code == 200
+            events = [line async for line in stream.aiter_lines() if line.startswith("data: ")]
+    assert '"Hel"' in events[1]  # the part that came, then the error in-band, then the end
+    assert json.loads(events[-2][6:])["error"]["code"] == "replica_died" and events[-1] == "data: [DONE]"
+
+
+async def test_a_model_on_a_live_node_is_not_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(waits, "NODE_POLL_S", 0.05)
+    backend = FakeBackend()
+    backend.entries["emb"] = dataclasses.replace(backend.entries["emb"], replica_nodes=("n1",))
+    backend.gate.clear()  # a slow answer: many node checks pass while it runs
+    app = create_app(GatewaySpec(request_timeout_s=60), backend)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        call = asyncio.ensure_future(client.post("/v1/embeddings", json={"model": "emb", "input": "x"}))
+        await asyncio.sleep(0.5)
+        assert not call.done()
+        backend.gate.set()
+        assert (await call).status_code == 200

@@ -50,7 +50,7 @@ def test_model_state(status: str, replicas: list[str] | None, target: int, expec
 
 
 def test_unhealthy_deployment_without_running_replica_is_failed() -> None:
-    dep = {"status": "UNHEALTHY", "target_num_replicas": 1, "replicas": [{"state": "STARTING"}]}
+    dep = {"status": "UNHEALTHY", "target_num_replicas": 1, "replicas": [{"state": "STARTING", "node_id": "n1"}]}
     assert model_state("RUNNING", dep) is ModelState.FAILED
 
 
@@ -62,6 +62,28 @@ def test_unhealthy_while_serve_recreates_the_warm_copy_is_starting() -> None:
     )
     dep = {"status": "UNHEALTHY", "message": message, "target_num_replicas": 1, "replicas": [{"state": "STARTING"}]}
     assert model_state("RUNNING", dep) is ModelState.STARTING
+
+
+def test_unhealthy_while_serve_replaces_a_dead_replica_is_starting() -> None:
+    """Serve's own message after a replica died (Ray 2.60): a wake waits for the replacement,
+    and makes room for it; without a replacement on its way the model stays failed."""
+    message = (
+        "A replica's health check failed. This deployment will be UNHEALTHY until the replica "
+        "recovers or a new deploy happens."
+    )
+    placed = [{"state": "STARTING", "node_id": "n2"}]
+    dep = {"status": "UNHEALTHY", "message": message, "target_num_replicas": 1, "replicas": placed}
+    assert model_state("RUNNING", dep) is ModelState.STARTING
+    assert model_state("RUNNING", {**dep, "replicas": []}) is ModelState.FAILED
+    # Its machine lost: Serve's message is then about the replacement that never ran there, and
+    # the next one waits for room (no node yet).
+    lost = {
+        **dep,
+        "message": "A replica failed to start with exception. Retrying. Error: ... missing too many heartbeats",
+    }
+    assert model_state("RUNNING", {**lost, "replicas": [{"state": "STARTING", "node_id": None}]}) is ModelState.STARTING
+    # A placed replacement whose constructor fails: failed, at once.
+    assert model_state("RUNNING", {**lost, "replicas": placed}) is ModelState.FAILED
 
 
 def test_gateway_and_foreign_apps_are_not_models() -> None:

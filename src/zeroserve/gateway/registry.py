@@ -20,6 +20,8 @@ __all__ = ["ModelEntry", "ModelState", "entries_from_details", "gpus_in_use", "m
 
 # Serve's status message while it recreates a deployment actor (deployment_state.py, Ray 2.60).
 _RECREATING_WARM_COPY = "until the actor is recreated"
+# ... and after a replica's health check failed, while it starts a replacement (Ray 2.60).
+_REPLACING_REPLICA = "until the replica recovers"
 _STARTING_REPLICA_STATES = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
 
 
@@ -77,9 +79,21 @@ def model_state(app_status: str, deployment: Mapping[str, Any] | None) -> ModelS
     states = [r.get("state") for r in deployment.get("replicas", [])]
     if "RUNNING" in states:
         return ModelState.READY
-    if deployment.get("status") == "UNHEALTHY" and _RECREATING_WARM_COPY in str(deployment.get("message", "")):
+    message = str(deployment.get("message", ""))
+    if deployment.get("status") == "UNHEALTHY" and _RECREATING_WARM_COPY in message:
         # Serve marks the deployment UNHEALTHY while it recreates a dead deployment actor (the
         # model's warm copy, deployments/warm.py): a wake waits for it instead of failing.
+        return ModelState.STARTING
+    starting = [r for r in deployment.get("replicas", []) if r.get("state") in _STARTING_REPLICA_STATES]
+    if (
+        deployment.get("status") == "UNHEALTHY"
+        and starting
+        and (_REPLACING_REPLICA in message or any(not r.get("node_id") for r in starting))
+    ):
+        # Its replica died (killed, or its machine lost) and Serve starts another, or waits for
+        # room to place one: the model is waking, not failed, so a request waits and makes room
+        # for it like any wake. (Refused as failed, a replacement that needed room never got it.)
+        # A placed replacement whose constructor fails is still a failure, told at once.
         return ModelState.STARTING
     if deployment.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
         return ModelState.FAILED

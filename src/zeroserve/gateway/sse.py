@@ -13,13 +13,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi.responses import StreamingResponse
 
-from zeroserve.errors import ZeroserveError, error_body
+from zeroserve.errors import ZeroserveError, error_body, replica_died
 from zeroserve.wire import Meter
 
 __all__ = ["DONE", "GuardedStream", "Result", "StreamSource", "keepalive", "merge", "relay", "stream_error"]
@@ -81,7 +81,14 @@ class Result:
 
 
 async def relay(
-    source: StreamSource, *, model: str, started: float, timeout_s: float, obs: Any, request_id: str
+    source: StreamSource,
+    *,
+    model: str,
+    started: float,
+    timeout_s: float,
+    obs: Any,
+    request_id: str,
+    lost: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE events of ``source`` within one deadline of ``timeout_s``, errors in-band.
 
@@ -92,21 +99,43 @@ async def relay(
         timeout_s: the whole stream's bound once its first message came.
         obs: the observer of first-token and per-token times.
         request_id: for the log line of an unexpected failure.
+        lost: makes a coroutine that returns when the stream's replica is known lost
+            (``waits.replica_lost``): the wait for the next message ends then, with a
+            ``replica_died`` error event.
     """
     first_at: float | None = None
     gpu_s = 0.0
+    loop = asyncio.get_running_loop()
+    watch = asyncio.ensure_future(lost()) if lost is not None else None
+    scope: asyncio.Timeout | None = None  # the wait for the next message, while it waits
+
+    def on_lost(done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and scope is not None:
+            scope.reschedule(loop.time())  # ends that wait now; seen as lost below
+
+    if watch is not None:
+        watch.add_done_callback(on_lost)
     try:
         async for text in source.prologue():
             yield text
         messages = source.messages()
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        deadline = loop.time() + timeout_s
         while True:
             # One deadline for the whole stream; asyncio.timeout adds no task per item.
-            async with asyncio.timeout_at(deadline):
-                try:
-                    message = await anext(messages)
-                except StopAsyncIteration:
-                    break
+            try:
+                async with asyncio.timeout_at(deadline) as scope:
+                    if watch is not None and watch.done():
+                        raise TimeoutError
+                    try:
+                        message = await anext(messages)
+                    except StopAsyncIteration:
+                        break
+            except TimeoutError:
+                if watch is not None and watch.done() and not watch.cancelled():
+                    raise replica_died(model) from None
+                raise
+            finally:
+                scope = None
             if isinstance(message, Meter):  # the replica's reading, last
                 gpu_s += message.gpu_s
                 continue
@@ -124,6 +153,9 @@ async def relay(
     except Exception as err:  # noqa: BLE001 - reported in-band: the headers are sent
         yield stream_error(err, request_id)
         yield DONE
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
 async def keepalive(aw: Awaitable[Any], interval_s: float, comment: str) -> AsyncIterator[str | Result]:

@@ -1,8 +1,10 @@
 """How long a request waits for its model, in one place.
 
-A ready model answers within the request timeout. A cold model's first answer includes
-its wake, so it gets the model's cold-start bound, counts one cold start per wake, and
-stops waiting as soon as Serve says the model failed to start.
+A ready model answers within the request timeout, unless every node its replicas ran on is
+lost meanwhile (a machine gone at once: Ray may not fail the call for a long while), which is
+a 503 ``replica_died`` as soon as Ray lists those nodes dead. A cold model's first answer
+includes its wake, so it gets the model's cold-start bound, counts one cold start per wake,
+and stops waiting as soon as Serve says the model failed to start.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from zeroserve.errors import model_failed, model_not_ready, pool_busy
+from zeroserve.errors import model_failed, model_not_ready, pool_busy, replica_died
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.room import RoomLook, make_room
 
@@ -21,13 +23,41 @@ if TYPE_CHECKING:
     from zeroserve.gateway.middleware import RequestLog
     from zeroserve.gateway.state import GatewayState
 
-__all__ = ["FAILURE_POLL_S", "bounded"]
+__all__ = ["FAILURE_POLL_S", "NODE_POLL_S", "bounded", "replica_lost"]
 
 logger = logging.getLogger("zeroserve.gateway")
 
 # How often a request waiting for a cold model checks that the model has not failed to start.
 FAILURE_POLL_S = 1.0
+# How often a request in flight on a ready model checks that a node its replicas ran on lives
+# (one node list per gateway replica per period, shared by every request: ``state.capacity``).
+NODE_POLL_S = 2.0
 _T = TypeVar("_T")
+
+
+async def replica_lost(state: GatewayState, entry: ModelEntry) -> None:
+    """Return once no node that ran ``entry``'s replicas is alive; never, while one is.
+
+    The nodes are those of the entry, or, for a model that was cold when the request came, the
+    first ones the directory lists for it afterwards. A replica dying alone fails its calls at
+    once (Ray); a whole machine gone leaves them waiting until the request's own bound, which
+    this shortens to the time Ray takes to declare the node dead.
+    """
+    nodes = set(entry.replica_nodes) - {""}
+    while True:
+        await asyncio.sleep(NODE_POLL_S)
+        try:
+            if not nodes:
+                current = (await state.backend.models(max_age_s=NODE_POLL_S)).get(entry.name)
+                nodes = set(current.replica_nodes) - {""} if current is not None else set()
+                continue
+            alive = await state.capacity(max_age_s=NODE_POLL_S)
+        except Exception as err:  # noqa: BLE001 - no verdict without a node list: look again
+            logger.debug("could not list nodes for %s: %s", entry.name, err)
+            continue
+        if not nodes & alive.keys():
+            logger.warning("model %s: every node of its replicas (%s) is gone", entry.name, ", ".join(sorted(nodes)))
+            return
 
 
 async def bounded(
@@ -46,12 +76,21 @@ async def bounded(
     """
     assert entry.spec is not None
     if entry.state is ModelState.READY:
+        call = asyncio.ensure_future(answer)
+        lost = asyncio.ensure_future(replica_lost(state, entry))
         try:
-            return await asyncio.wait_for(answer, state.spec.request_timeout_s)
-        except TimeoutError:
-            raise model_not_ready(
-                entry.name, state.spec.request_timeout_s, entry.state.value, state.spec.retry_after_s
-            ) from None
+            await asyncio.wait({call, lost}, timeout=state.spec.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if call.done():
+                return call.result()
+            if lost.done():
+                raise replica_died(entry.name)
+            raise model_not_ready(entry.name, state.spec.request_timeout_s, entry.state.value, state.spec.retry_after_s)
+        finally:
+            lost.cancel()
+            if not call.done():
+                call.cancel()  # its clean-up (the handle call's cancel) runs before the error goes out
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await call
     budget = entry.spec.cold_start_timeout_s or state.spec.cold_start_timeout_s
     state.wakes.begin(entry.name)
     room = RoomLook()

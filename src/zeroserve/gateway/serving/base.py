@@ -15,6 +15,7 @@ from zeroserve.gateway.middleware import RequestLog, request_log
 from zeroserve.gateway.registry import ModelEntry, ModelState
 from zeroserve.gateway.sse import GuardedStream, StreamSource, relay
 from zeroserve.gateway.state import GatewayState
+from zeroserve.gateway.waits import replica_lost
 from zeroserve.protocol import PassthroughRequest
 
 __all__ = ["Resolved", "Serving", "check_caps"]
@@ -94,6 +95,7 @@ class Serving:
             timeout_s=spec.request_timeout_s,
             obs=self.state.obs,
             request_id=log.request_id,
+            lost=lambda: replica_lost(self.state, lease.entry),
         )
         # The charge is known only at the end of a stream: the headers carry what was left before it.
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **lease.headers(None)}
