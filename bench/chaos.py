@@ -6,7 +6,8 @@ and completions, streamed and not) while each fault kind is injected --rounds ti
 (SIGKILL of a model replica, ray.kill of a gateway replica, ray.kill of the Serve
 controller); per fault kind the time back to full service. Then a model whose
 constructor fails (time to its clear 503), a rolling redeploy under load, and
-schemathesis against the live gateway and its real engines.
+schemathesis against the live gateway and its real engines. Last, on a second cluster of
+two nodes, a whole machine lost at once under load (section "machine-loss").
 
     .venv/bin/python bench/chaos.py [--requests 2000] [--rounds 2]
 """
@@ -24,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, machine, wait, write_section
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, wait, write_section
+from ray.util.state import list_nodes
 
 from zeroserve.chaos import Fault, Pool, run_faults
-from zeroserve.loadgen import Tally, mixed, run_load
+from zeroserve.cluster import add_node
+from zeroserve.loadgen import Shot, Tally, mixed, run_load
 
 EMB, GEN, CLS = "all-MiniLM-L6-v2", "tiny-llama", "tiny-sentiment"
 MIX = mixed(EMB, GEN, CLS)
@@ -56,8 +59,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fuzz", type=int, default=30, help="schemathesis examples per operation and mode")
+    parser.add_argument("--machine-loss-only", action="store_true", help="only the lost-machine scenario")
     args = parser.parse_args()
-    lines = [f"Machine: {machine()}.", ""]
+    if args.machine_loss_only:
+        machine_loss()
+        return
+    lines = [
+        f"`bench/chaos.py --requests {args.requests} --rounds {args.rounds}`, commit {head_commit()}; {machine()}.",
+        "",
+    ]
     with cluster() as (c, port):
         pool = Pool(f"http://127.0.0.1:{port}", c.dashboard_url, c.address)
         deploy(c, config(port), port)
@@ -180,6 +190,78 @@ def main() -> None:
         ]
         print(fuzz.stdout, fuzz.stderr[-2000:])
     write_section(DOC, "chaos", "\n".join(lines))
+    print("\n".join(lines))
+    machine_loss()
+
+
+def machine_loss() -> None:
+    """Two nodes of one logical GPU each, four half-GPU classifiers awake (two per node), a load
+    on one model of each node, and the second machine lost at once: every process of it SIGKILLed
+    together. Its model must be answered or refused with Retry-After throughout, and come back on
+    the head once an idle model there yields its half."""
+    lines = [
+        f"`bench/chaos.py --machine-loss-only` (also the end of `make chaos`), commit {head_commit()}; {machine()}.",
+        "",
+    ]
+    awake = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "downscale_to_zero_delay_s": 600}
+    half = {
+        "task": "classify",
+        "model": "./models/tiny-sentiment",
+        "gpu_fraction": 0.5,
+        "num_cpus": 0.05,
+        "warm": False,
+        "min_hold_s": 1,
+        "cold_start_timeout_s": 60,
+        "autoscaling": awake,
+    }
+    with cluster(joinable=True) as (c, port):
+        pool = Pool(f"http://127.0.0.1:{port}", c.dashboard_url, c.address)
+        base = demo_config(port, only=())
+        deploy(c, base, port)  # the gateway first, on the head: the lost machine holds models only
+        add_node(
+            ROOT / ".run-bench", c, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        )
+        alive = lambda: sum(n.state == "ALIVE" for n in list_nodes(address=c.dashboard_url))  # noqa: E731
+        wait(lambda: alive() == 2, 120)
+        models = [f"h{i}" for i in range(4)]
+        base["applications"] += [
+            {"name": m, "route_prefix": None, "import_path": "deployments.model:build", "args": dict(half)}
+            for m in models
+        ]
+        deploy(c, base, port)
+        wait(lambda: all(pool.running_replica_ids(m) for m in models), 300)
+        head = pool.details()["controller_info"]["node_id"]
+        on_head = [m for m in models if pool.running(m)[0]["node_id"] == head]
+        lost = [m for m in models if m not in on_head]
+        shots = [Shot("classify", lost[0]), Shot("classify", on_head[0])]
+        report = run_faults(
+            pool, shots, [Fault("lose_node", lost[0])], requests=100_000, concurrency=3, recover_within_s=300, log=print
+        )
+        problems = report.judge()
+        (fault,) = report.faults
+        print(report.tally.summary())
+        if problems:
+            raise SystemExit("not published: " + "; ".join(problems))
+        after = [o for o in report.tally.outcomes if o.shot.model == lost[0] and o.started + o.latency_s >= fault.at]
+        slowest = max(o.latency_s for o in after)
+        back_on = [r["node_id"] == head for r in pool.running(lost[0])]
+        lines += [
+            f"### A whole machine lost under load ({report.duration_s:.0f} s, concurrency 3)",
+            "",
+            "| scenario | sent | succeeded | retryable error | lost |",
+            "|---|---|---|---|---|",
+            row("second node's every process SIGKILLed at once", report.tally),
+            "",
+            "Retryable errors seen: "
+            + (", ".join(f"{k} x{v}" for k, v in sorted(report.tally.reasons().items())) or "none")
+            + ".",
+            "",
+            f"Requests in flight when the machine went: {fault.in_flight}. The slowest answer (any verdict) to "
+            f"the lost machine's model from then on: {slowest:.1f} s. Back to full service, "
+            f"{lost[0]} on the head in the half an idle model gave up: {fault.recovered_s:.1f} s "
+            f"(on the head now: {all(back_on) and bool(back_on)}).",
+        ]
+    write_section(DOC, "machine-loss", "\n".join(lines))
     print("\n".join(lines))
 
 

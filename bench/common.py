@@ -51,12 +51,14 @@ def summary(name: str, values_ms: list[float]) -> str:
 
 
 @contextmanager
-def cluster(env: dict[str, str] | None = None) -> Iterator[tuple[LocalCluster, int]]:
-    """A local cluster for one benchmark (``env``: more environment for Ray and its workers)."""
+def cluster(env: dict[str, str] | None = None, joinable: bool = False) -> Iterator[tuple[LocalCluster, int]]:
+    """A local cluster for one benchmark (``env``: more environment for Ray and its workers;
+    ``joinable``: not loopback only, so that ``add_node`` can join more nodes to it)."""
     run_dir = ROOT / ".run-bench"
     c = start_local(
         run_dir,
         num_gpus=1,
+        loopback_only=not joinable,
         env={
             "ZEROSERVE_HOME": str(ROOT),
             "HF_HUB_OFFLINE": "1",
@@ -146,9 +148,13 @@ def alternating(rounds: int, first: str, second: str) -> Iterator[tuple[int, str
 
 
 def head_commit() -> str:
-    """This tree's commit, short (what a figure was measured on)."""
+    """This tree's commit, short (what a figure was measured on), marked when the code that runs
+    (src, deployments, bench) differs from it."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src", "deployments", "bench"], cwd=ROOT, capture_output=True, text=True
+    )
+    return (out.stdout.strip() or "unknown") + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def publish(section: str, lines: list[str], write: bool = True) -> None:

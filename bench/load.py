@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, machine, pct, wait, write_section
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, wait, write_section
 
 from zeroserve.chaos import Pool
 from zeroserve.cluster import LocalCluster
@@ -177,7 +177,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     table = [
-        f"Machine: {machine()}.",
+        f"`bench/load.py`, commit {head_commit()}; {machine()}.",
         "",
         f"Capacity of one warm tiny-sentiment replica (4 at a time): {capacity:.1f} req/s (closed loop, "
         f"8 locust users, 15 s); unloaded p50 {statistics.median(single) * 1000:.0f} ms; latency target "
