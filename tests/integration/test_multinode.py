@@ -36,8 +36,8 @@ def _alive_nodes(pool: Pool) -> int:
     return sum(1 for n in list_nodes(address=pool.cluster.dashboard_url) if n.state == "ALIVE")
 
 
-def _classify(pool: Pool, model: str) -> httpx.Response:
-    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=60)
+def _classify(pool: Pool, model: str, timeout_s: float = 60) -> httpx.Response:
+    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=timeout_s)
 
 
 @contextlib.contextmanager
@@ -85,8 +85,8 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
         kept = [m for m, n in placement.items() if n == head_node]
         kill_node(node)
         start = time.monotonic()
-        resp = _classify(pool, lost[0])
-        assert time.monotonic() - start < 60
+        resp = _classify(pool, lost[0], timeout_s=180)
+        assert time.monotonic() - start < 90  # Ray's node-death detection (~15 s), not the 120 s request bound
         assert resp.status_code in (200, 503), resp.text
         if resp.status_code == 503:
             assert int(resp.headers["retry-after"]) > 0 and lost[0] in resp.json()["error"]["message"]

@@ -86,7 +86,7 @@ def test_broken_model_fails_clearly_and_the_others_keep_serving(pool: Pool, tmp_
     t0 = time.monotonic()
     again = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": "broken", "input": "x"}, timeout=30)
     assert again.status_code == 503 and "broken" in again.json()["error"]["message"]
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # at once, not after the 120 s cold-start bound
     ok = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": EMB, "input": "still serving"}, timeout=120)
     assert ok.status_code == 200, ok.text
 
@@ -122,9 +122,9 @@ def test_twice_the_load_is_shed_with_retry_after_and_drains(pool: Pool) -> None:
     served = [o for o in tally.outcomes if o.verdict == "ok"]
     assert shed and served, tally.summary()
     assert all(o.status in (429, 503) for o in shed)
-    # Shedding is a quick answer, not a wait for a timeout.
+    # Shedding is a quick answer, not a wait for the 120 s request bound.
     slowest_refusal = max(o.latency_s for o in shed)
-    assert slowest_refusal < 5, f"a refusal took {slowest_refusal:.1f} s"
+    assert slowest_refusal < 30, f"a refusal took {slowest_refusal:.1f} s"
 
     # The load stopped: nothing is left queued or in flight, and the model serves normally.
     def drained() -> bool:

@@ -116,7 +116,7 @@ def test_stopping_a_node_reaches_its_whole_session_and_skips_zombies() -> None:
         worker = int(leader.stdout.readline())
         assert os.getpgid(worker) != leader.pid and os.getsid(worker) == leader.pid
         started = time.monotonic()
-        _stop_session(leader.pid, grace_s=5)
+        _stop_session(leader.pid, grace_s=30)
         took = time.monotonic() - started
         os.killpg(leader.pid, 0)  # the leader is a zombie still in its group, unreaped...
         assert _session_pids(leader.pid) == []  # ...but nothing of the session runs
@@ -126,7 +126,7 @@ def test_stopping_a_node_reaches_its_whole_session_and_skips_zombies() -> None:
             else "gone"
         )
         assert state in ("Z", "gone"), f"the worker in its own group survived the stop ({state})"
-        assert took < 2, f"waited {took:.1f} s on a dead session"
+        assert took < 15, f"waited {took:.1f} s on a dead session (a grace is 30 s)"
     finally:
         leader.kill()
         leader.wait()

@@ -50,7 +50,7 @@ async def test_a_wake_that_fails_ends_the_wait_with_503_naming_the_model() -> No
     resp = await client.post("/v1/embeddings", json={"model": "waking", "input": "x"})
     await failer
     assert resp.status_code == 503
-    assert time.monotonic() - started < 5, "the request waited out its bound instead"
+    assert time.monotonic() - started < 30, "the request waited out its 60 s bound instead"
     error = resp.json()["error"]
     assert error["code"] == "model_failed"
     assert "'waking'" in error["message"] and "constructor failed 3 times" in error["message"]

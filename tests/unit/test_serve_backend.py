@@ -59,13 +59,13 @@ async def test_a_hung_controller_costs_one_wait_then_the_last_directory_serves()
     try:
         started = time.monotonic()
         assert set(await backend.models(refresh=True)) == {"a"}
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10  # one wait of 0.3 s, not the 30 s a blocked read takes
         # Later callers, many at once and past the backoff, get the cached directory at once.
         await asyncio.sleep(0.3)
         started = time.monotonic()
         results = await asyncio.gather(*(backend.models(refresh=True) for _ in range(20)))
         assert all(set(r) == {"a"} for r in results)
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.3  # none of them waited a controller timeout
         assert controller.reads == 2  # one blocked read, never a pile of threads
     finally:
         controller.details = _details("a", "b")
