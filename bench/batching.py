@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    commit = head_commit()  # read first: what runs is what was committed then
     rates: dict[tuple[str, str], list[float]] = defaultdict(list)
     with cluster() as (c, port):
         cfg = _config(port)
@@ -77,7 +78,7 @@ def main() -> None:
                 rates[(model, side)].append(rate)
                 print(f"{model} {side} round {r + 1}: {rate:.1f}/s", flush=True)
     lines = [
-        f"`bench/batching.py --seconds {args.seconds:g} --rounds {args.rounds}`, commit {head_commit()}; {machine()}.",
+        f"`bench/batching.py --seconds {args.seconds:g} --rounds {args.rounds}`, commit {commit}; {machine()}.",
         f"Each model deployed twice in one cluster, warm, one replica each: as configured (`max_batch_size` 8,"
         f" `batch_wait_timeout_s` 0.01) and with `max_batch_size: 1`. {CONCURRENCY} closed-loop clients, one"
         f" input per request, {args.seconds:g} s per side and round, sides in turn. Answers per second through"
