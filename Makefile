@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-ab chaos load fuzz gpu-check clean
 
 help:
-	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs"
+	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs (ONE_HOP=1: HAProxy, no Python proxy)"
 	@echo "make stop       stop the cluster that 'make run' started (only that one)"
 	@echo "make status     the models, their state and figures, and the GPU pool"
 	@echo "make observe    Prometheus on 127.0.0.1:9090 scraping the local cluster"
@@ -57,7 +57,7 @@ models: venv
 
 run: models
 	$(BIN)/zeroserve validate $(CONFIG)
-	$(BIN)/zeroserve start
+	$(BIN)/zeroserve start $(if $(ONE_HOP),--one-hop)
 	$(BIN)/zeroserve deploy $(CONFIG)
 	@echo "  stop with      : make stop"
 

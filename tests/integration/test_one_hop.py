@@ -1,0 +1,110 @@
+"""`zeroserve start --one-hop`: HAProxy (zeroserve's shim of Ray's) in front of gateway replicas
+that serve HTTP themselves (Ray's direct ingress), instead of Serve's Python proxy.
+
+What must hold on that path as on the default one: the official client is served, nothing of it
+listens beyond loopback (HAProxy's stats and Prometheus frontends included), and a gateway
+replica that dies before it answers leaves its client a 503 with Retry-After in OpenAI's shape,
+not a bare 500.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from zeroserve.chaos import ray_kill
+from zeroserve.cluster import start_local, stop_local
+
+from .conftest import _CLUSTER_ENV, Pool, wait_for
+
+EMB, CLS = "all-MiniLM-L6-v2", "tiny-sentiment"
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def one_hop(pool: Pool) -> Iterator[Pool]:
+    """The session's cluster restarted on the one-hop path, and back after."""
+
+    def restart(on: bool) -> None:
+        stop_local(pool.run_dir)
+        pool.cluster = start_local(pool.run_dir, num_gpus=1, env=_CLUSTER_ENV, one_hop=on)
+
+    restart(True)
+    try:
+        yield pool
+    finally:
+        restart(False)
+
+
+def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
+    head = psutil.Process(head_pid)
+    found = []
+    for proc in [head, *head.children(recursive=True)]:
+        try:
+            title = " ".join(proc.cmdline())[:120]
+            found += [
+                (c.laddr.ip, c.laddr.port, title)
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_one_hop_serves_the_client_on_loopback_only(one_hop: Pool) -> None:
+    pool = one_hop
+    pool.deploy(pool.config(pool.models(EMB)))
+    emb = pool.openai(timeout=120).embeddings.create(model=EMB, input="one hop")
+    assert len(emb.data[0].embedding) == 384
+
+    listeners = _listeners(pool.cluster.pid)
+    front = [title for ip, port, title in listeners if port == pool.http_port]
+    assert front and all("haproxy" in t for t in front), front  # HAProxy holds the port, not Serve's proxy
+    haproxy = [(ip, port) for ip, port, title in listeners if "haproxy" in title]
+    assert len({port for _, port in haproxy}) >= 3, haproxy  # the API, stats and Prometheus frontends
+    assert all(ip in LOOPBACK for ip, _ in haproxy), haproxy
+    # Beyond loopback: only each Serve replica's inter-deployment gRPC server, as on the default
+    # path (tests/integration/test_exposure.py says why).
+    exposed = [(ip, port, title) for ip, port, title in listeners if ip not in LOOPBACK]
+    assert all(ip in ("::", "0.0.0.0") and "ServeReplica" in title for ip, _, title in exposed), exposed
+
+
+def test_a_gateway_replica_killed_before_it_answers_is_a_503_with_retry_after(one_hop: Pool) -> None:
+    pool = one_hop
+    # The whole GPU held by a pinned model, so a request to a cold one waits in the gateway for
+    # room (up to its 60 s bound): the gateway replica dies while it holds that request.
+    models = pool.models(CLS, EMB)
+    models[CLS] = {**models[CLS], "gpu_fraction": 1.0, "pinned": True, "autoscaling": {"min_replicas": 1}}
+    models[EMB] = {**models[EMB], "cold_start_timeout_s": 60}
+    pool.deploy(pool.config(models))
+    wait_for(lambda: pool.running_replica_ids(CLS), 120, f"{CLS} awake")
+    (gateway,) = pool.replicas("gateway")
+    answer: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        answer["r"] = httpx.post(f"{pool.base_url}/v1/embeddings", json={"model": EMB, "input": "x"}, timeout=180)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(2)  # the request is in the gateway, waiting for room
+    ray_kill(pool.cluster.address, gateway["actor_name"])
+    caller.join(200)
+    resp = answer["r"]
+    assert resp.status_code == 503, (resp.status_code, resp.text)
+    assert int(resp.headers["retry-after"]) >= 1
+    error = resp.json()["error"]
+    assert error["type"] == "service_unavailable" and error["code"] == "gateway_unavailable", error
+    # Serve replaces the gateway replica; the path serves again.
+    wait_for(
+        lambda: (
+            httpx.post(f"{pool.base_url}/v1/classify", json={"model": CLS, "input": "x"}, timeout=60).status_code == 200
+        ),
+        180,
+        "the one-hop path to serve again",
+    )
