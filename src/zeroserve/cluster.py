@@ -193,7 +193,7 @@ def ray_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None, *, 
     return {**base, **RAY_ENV, **(extra or {}), LOOPBACK_ENV: "0" if loopback_only else "1"}
 
 
-def one_hop_env(state_dir: str) -> dict[str, str]:
+def one_hop_env() -> dict[str, str]:
     """The environment of Ray 2.60's one-hop path, as zeroserve runs it (docs/architecture.md, "One hop").
 
     Direct ingress (each gateway replica serves HTTP itself) behind Ray's HAProxy, which takes
@@ -204,7 +204,11 @@ def one_hop_env(state_dir: str) -> dict[str, str]:
     this cluster's own (Ray's defaults are fixed paths in /tmp and fixed ports, which two local
     clusters would share).
     """
-    haproxy = f"{state_dir}/haproxy"
+    stats_port = free_port()
+    # Short: Ray puts a 56-character folder per HAProxy actor under it, and HAProxy refuses an
+    # admin socket path over 97 bytes. The stats port (free, so unused by another cluster now)
+    # names it.
+    haproxy = f"/tmp/zsh-{stats_port}"
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -213,7 +217,7 @@ def one_hop_env(state_dir: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{haproxy}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": haproxy,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{haproxy}/server-state",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
 
@@ -267,7 +271,7 @@ def start_local(
         num_gpus=num_gpus,
         num_cpus=num_cpus,
     )
-    extra = {**(one_hop_env(temp_dir) if one_hop else {}), **(env or {})}
+    extra = {**(one_hop_env() if one_hop else {}), **(env or {})}
     full_env = ray_env(os.environ, extra, loopback_only=loopback_only)
     log = open(run_dir / "ray.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)

