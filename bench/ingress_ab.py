@@ -7,7 +7,8 @@ Three clusters, one after the other, each with the gateway and two demo models h
 - **direct**: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each ingress replica serves HTTP itself on a
   port of its own (30000 up); the client calls the gateway replica's port (from Serve's
   ``target_groups``). Port 8000 is still the head's proxy.
-- **haproxy**: ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy (bundled with Ray) listens on the
+- **one-hop** (``zeroserve start --one-hop``): ``RAY_SERVE_ENABLE_HA_PROXY=1`` through
+  zeroserve's HAProxy shim (``cluster.one_hop_env``): HAProxy (bundled with Ray) listens on the
   configured port and forwards to the ingress replicas' ports.
 
 Per mode, interleaved in one run: a MiniLM embedding through the gateway against a direct
@@ -29,6 +30,8 @@ import httpx
 import psutil
 from common import cluster, demo_config, deploy, head_commit, machine, pct, publish, wait
 
+from zeroserve.cluster import one_hop_env
+
 EMB = "all-MiniLM-L6-v2"
 GEN = "tiny-llama"
 WAKE = "tiny-sentiment"
@@ -37,7 +40,7 @@ STREAM_BODY = {"model": GEN, "prompt": "The quick", "max_tokens": 32, "temperatu
 MODES = {
     "proxy": {},
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "one-hop": {},  # one_hop_env(), made when its cluster starts (it picks free ports)
 }
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -86,7 +89,7 @@ def measure(mode: str, n: int, rounds: int) -> dict[str, Any]:
     from ray import serve
 
     awake = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-    with cluster(MODES[mode]) as (c, port):
+    with cluster(one_hop_env() if mode == "one-hop" else MODES[mode]) as (c, port):
         cfg = demo_config(port, awake, only=(EMB, GEN, WAKE))
         for app in cfg["applications"]:
             if app["name"] == WAKE:
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    commit = head_commit()  # read first: what runs is what was committed then
     results: dict[str, dict[str, Any]] = {}
     for mode in args.modes.split(","):
         try:
@@ -150,7 +154,7 @@ def main() -> None:
 
     med = statistics.median
     lines = [
-        f"`bench/ingress_ab.py --n {args.n} --rounds {args.rounds}`, commit {head_commit()}; {machine()}.",
+        f"`bench/ingress_ab.py --n {args.n} --rounds {args.rounds}`, commit {commit}; {machine()}.",
         f"Milliseconds; {args.n} MiniLM embeddings per path, the gateway and the handle interleaved in one run",
         f"per mode; {args.n // 4} streams of 32 tokens from the transformers tiny Llama; wakes of {WAKE} from",
         "zero in seconds.",
