@@ -117,7 +117,7 @@ async def test_budget_refusals_name_the_reset(tmp_path: Path) -> None:
     grant = await fair.authenticate(f"Bearer {key}")
     await fair.check(grant, "m", 10)
     fair.release(grant)
-    await fair.charge(grant, "m", 0.6, "r1", completion_tokens=10)  # learns 0.06 GPU-s per token
+    await fair.charge(grant, "m", 0.6, "r1", units=10)  # learns 0.06 GPU-s per output token
     grant = await fair.authenticate(f"Bearer {key}")
     with pytest.raises(QuotaError) as err:
         await fair.check(grant, "m", 10)  # predicted 0.6 > 0.4 left: refused up front
