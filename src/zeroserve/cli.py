@@ -369,6 +369,50 @@ def _get_json(url: str, timeout: float = 5) -> Any:
         return json.loads(resp.read())
 
 
+def wait_rolled_out(client: Any, config: dict[str, Any], before: dict[str, Any], timeout_s: float) -> bool:
+    """Wait until every application whose config changed runs the new one: RUNNING, and none of
+    the replicas it had before the deploy still running (they served the old config: a redeployed
+    gateway with another key ledger would answer for a while with the old one).
+
+    Returns False if one failed to deploy or the time ran out.
+    """
+
+    def key(app: dict[str, Any] | None) -> Any:
+        return None if app is None else (app.get("import_path"), app.get("args") or {})
+
+    def running(app: dict[str, Any]) -> set[str]:
+        return {
+            r["replica_id"]
+            for d in (app.get("deployments") or {}).values()
+            for r in d.get("replicas", [])
+            if r.get("state") == "RUNNING"
+        }
+
+    old_apps = before.get("applications") or {}
+    changed = {
+        a["name"]: running(old_apps[a["name"]]) if a["name"] in old_apps else set()
+        for a in config["applications"]
+        if key((old_apps.get(a["name"]) or {}).get("deployed_app_config")) != key(a)
+    }
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            apps = client.get_serve_details().get("applications") or {}
+        except (OSError, RuntimeError):
+            apps = {}
+        failed = [n for n in changed if (apps.get(n) or {}).get("status") == "DEPLOY_FAILED"]
+        if failed:
+            _print(f"failed to deploy: {', '.join(failed)} ({(apps[failed[0]].get('message') or '')[:300]})")
+            return False
+        if apps and all(
+            (app := apps.get(n)) is not None and app.get("status") == "RUNNING" and not running(app) & old
+            for n, old in changed.items()
+        ):
+            return True
+        time.sleep(1)
+    return False
+
+
 def wait_ready(base_url: str, timeout_s: float, expect_models: int | None = None) -> bool:
     """Poll the gateway until /health is 200 and every model is listed; print progress."""
     deadline = time.monotonic() + timeout_s
@@ -414,9 +458,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             return 1
         address = cluster.dashboard_url
     try:
-        ServeSubmissionClient(address).deploy_applications(config)
+        client = ServeSubmissionClient(address)
+        before = client.get_serve_details()
+        client.deploy_applications(config)
     except (OSError, RuntimeError) as err:  # unreachable dashboard (ConnectionError), or Serve refused the config
         _print(f"deploying {args.config} to {address} failed: {err}")
+        return 1
+    if not wait_rolled_out(client, config, before, args.timeout):
+        _print(f"the new config did not take over within {args.timeout:.0f} s; see `serve status -a {address}`")
         return 1
     host = http.get("host", "127.0.0.1")
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
