@@ -54,6 +54,11 @@ class GatewayMetrics:
         self._cold_starts = Counter(
             "zeroserve_cold_starts_total", "Wakes of a model from zero replicas.", tag_keys=("model",)
         )
+        self._journal = Gauge(
+            "zeroserve_ledger_journal_charges",
+            "Charges this gateway replica keeps on disk because the key ledger could not take them; "
+            "above 0 means the ledger is (or was just) unreachable.",
+        )
         self._evictions = Counter(
             "zeroserve_evictions_total",
             "Models asked to yield their GPU slice, by model, the model it yields to, and why: "
@@ -122,6 +127,9 @@ class GatewayMetrics:
 
     def rewake(self, model: str) -> None:
         self._rewakes.inc(1, {"model": model})
+
+    def ledger_journal(self, pending: int) -> None:
+        self._journal.set(pending)
 
     def pool(self, allocated: dict[str, float], capacity: dict[str, float]) -> None:
         for node in set(allocated) | set(capacity):

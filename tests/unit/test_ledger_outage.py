@@ -19,6 +19,7 @@ import pytest
 from zeroserve.config import AuthSpec, GatewaySpec
 from zeroserve.gateway import create_app
 from zeroserve.gateway.fair import FairShare
+from zeroserve.gateway.telemetry import NullObserver
 from zeroserve.quota import Charge, ChargeJournal, KeyRecord, SQLiteLedger, hash_key, new_key
 
 from .gateway_support import FakeBackend
@@ -44,9 +45,21 @@ class FlakyLedger(SQLiteLedger):
         return call
 
 
-def _gateway(ledger: SQLiteLedger, **auth: Any) -> tuple[httpx.AsyncClient, FairShare]:
+class JournalWatch(NullObserver):
+    """What the gateway reports of its journal (the ``zeroserve_ledger_journal_charges`` gauge)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def ledger_journal(self, pending: int) -> None:
+        self.seen.append(pending)
+
+
+def _gateway(
+    ledger: SQLiteLedger, observer: NullObserver | None = None, **auth: Any
+) -> tuple[httpx.AsyncClient, FairShare]:
     spec = GatewaySpec.model_validate({"auth": {**AUTH, **auth}})
-    app = create_app(spec, FakeBackend(), ledger=ledger)
+    app = create_app(spec, FakeBackend(), observer, ledger=ledger)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
     return client, app.state.gateway.fair
 
@@ -72,7 +85,8 @@ async def _drained(fair: FairShare, timeout_s: float = 10.0) -> None:
 async def test_known_keys_are_served_and_charged_through_an_outage(tmp_path: Path) -> None:
     ledger = FlakyLedger(tmp_path / "l.db")
     known, stranger = _key(ledger, "pro"), _key(ledger, "pro")
-    client, fair = _gateway(ledger)
+    watch = JournalWatch()
+    client, fair = _gateway(ledger, watch)
     charges = [float((await _embed(client, known)).headers["x-zeroserve-gpu-seconds"])]
 
     ledger.outage = True
@@ -89,8 +103,10 @@ async def test_known_keys_are_served_and_charged_through_an_outage(tmp_path: Pat
     usage = await client.get("/v1/usage", headers={"authorization": f"Bearer {known}"})
     assert usage.status_code == 503 and usage.json()["error"]["code"] == "ledger_unavailable"
 
+    assert watch.seen[:4] == [1, 2, 3, 4]  # an operator sees the charges pile up...
     ledger.outage = False
     await _drained(fair)
+    assert watch.seen[-1] == 0  # ...and drain
     assert not list((tmp_path / "l.db.journal").glob("*.jsonl"))  # written, then removed
     usage = await client.get("/v1/usage", headers={"authorization": f"Bearer {known}"})
     assert usage.json()["gpu_seconds_used"] == pytest.approx(sum(charges))

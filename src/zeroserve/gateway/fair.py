@@ -87,6 +87,7 @@ class FairShare:
         clock: wall-clock seconds (injectable for tests).
         journal: where charges wait for the ledger (default: ``auth.ledger.journal_dir``, else the
             ledger's own ``journal_dir``).
+        on_journal: told how many charges wait in the journal whenever that changes (a metric).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class FairShare:
         ledger: Ledger | None,
         clock: Callable[[], float] = time.time,
         journal: ChargeJournal | None = None,
+        on_journal: Callable[[int], None] = lambda pending: None,
     ) -> None:
         self.auth = auth
         self.ledger = ledger
@@ -107,6 +109,7 @@ class FairShare:
         if journal is None and ledger is not None:
             journal = ChargeJournal(auth.ledger.journal_dir or ledger.journal_dir)
         self.journal = journal
+        self.on_journal = on_journal
         self.known: dict[str, tuple[KeyRecord, float]] = {}  # key hash -> record, when the ledger said so
         self.used: dict[str, tuple[str, float]] = {}  # key id -> (day, GPU-s in the ledger at the last read)
         self._flusher: asyncio.Task[None] | None = None
@@ -139,6 +142,8 @@ class FairShare:
             else:
                 logger.info("the key ledger is back: wrote %d journaled charges", written)
                 wait = first_wait_s
+            finally:
+                self.on_journal(len(self.journal.pending))
 
     @property
     def enabled(self) -> bool:
@@ -278,6 +283,7 @@ class FairShare:
                     self.used[charge.key_id] = (last_day, used + gpu_s)
                 return
         await asyncio.to_thread(self.journal.add, charge)
+        self.on_journal(len(self.journal.pending))
         self._keep_flushing()
 
     async def usage(self, grant: Grant) -> dict[str, Any]:
@@ -292,6 +298,7 @@ class FairShare:
         try:
             if self.journal.pending:
                 await self._ledger(self.journal.flush, self.ledger)
+                self.on_journal(len(self.journal.pending))
             by_model = await self._ledger(self.ledger.usage, grant.key.key_id, day_of(now))
         except _LedgerDown:
             raise LedgerUnavailableError("today's usage cannot be read") from None

@@ -55,7 +55,7 @@ class GatewayState:
         return cls(
             spec=spec,
             backend=backend,
-            fair=FairShare(spec.auth, ledger),
+            fair=FairShare(spec.auth, ledger, on_journal=obs.ledger_journal),
             dispatcher=Dispatcher(spec.auth.aging_s),
             admission=Admission(
                 spec.max_inflight_requests, spec.max_inflight_per_model, spec.retry_after_s, obs.inflight

@@ -37,6 +37,8 @@ class Observer(Protocol):
 
     def rewake(self, model: str) -> None: ...
 
+    def ledger_journal(self, pending: int) -> None: ...
+
 
 class NullObserver:
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
@@ -64,6 +66,9 @@ class NullObserver:
         pass
 
     def rewake(self, model: str) -> None:
+        pass
+
+    def ledger_journal(self, pending: int) -> None:
         pass
 
 
