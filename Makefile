@@ -30,6 +30,7 @@ help:
 	@echo "make bench      run the benchmarks in bench/; each writes its own section of docs/benchmarks.md"
 	@echo "make bench-ab BASE=rev   the gateway's cost at BASE and now, alternating (in-process and through Ray)"
 	@echo "make chaos      faults under load, a failing model, a redeploy: figures to docs/reliability.md"
+	@echo "make fuzz       schemathesis against the in-process gateway: figures to docs/reliability.md"
 	@echo "make load       twice the load the pool can serve, with and without limits (locust): docs/reliability.md"
 	@echo "make gpu-check  the GPU-only checks (needs CUDA)"
 	@echo "make lint       ruff and mypy"
@@ -113,6 +114,10 @@ chaos: models
 
 load: models
 	$(BIN)/python bench/load.py
+
+# Hostile input against the in-process gateway (no Ray): figures to docs/reliability.md.
+fuzz: venv
+	$(BIN)/python bench/fuzz.py --publish
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -10,6 +10,10 @@ OpenAI's, an unsafe X-Request-Id, a malformed 2xx, or no answer within 30 s. The
 run in tests/unit/test_gateway_fuzz.py with fewer examples.
 
     .venv/bin/python bench/fuzz.py [--examples 300] [--seed 20260611] [--url http://127.0.0.1:8000]
+
+``make fuzz`` (``--publish``) runs the in-process app twice (300 examples with the default seed,
+1000 with seed 1) and writes the table of both runs, with the machine, versions, date and commit,
+into the ``fuzz`` section of docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ def main() -> None:
     parser.add_argument("--api-key", help="sent as Authorization: Bearer ... (a live gateway with keys on)")
     parser.add_argument("--keep-names", action="store_true", help="never put configured model names into cases")
     parser.add_argument("--modes", default="positive,negative", help="schemathesis generation modes")
+    parser.add_argument("--publish", action="store_true", help="make fuzz: two in-process runs, to docs/reliability.md")
     args = parser.parse_args()
+    if args.publish:
+        publish()
+        return
 
     import schemathesis
 
@@ -110,6 +118,46 @@ def main() -> None:
         f"{len(report.skipped)} operation-modes with nothing to generate; statuses {{{statuses}}}; {seconds:.0f} s"
     )
     sys.exit(1 if report.failures else 0)
+
+
+def publish(runs: tuple[tuple[int, int], ...] = ((300, 20260611), (1000, 1))) -> None:
+    """The in-process runs of ``make fuzz``, written to the ``fuzz`` section of docs/reliability.md."""
+    import schemathesis
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import head_commit, write_section
+
+    commit = head_commit()  # read first: what runs is what was committed then
+    rows, answers, failed = [], "", 0
+    for examples, seed in runs:
+        app = create_app(
+            GatewaySpec(max_body_bytes=50_000, request_timeout_s=10, cold_start_timeout_s=10), FakeBackend()
+        )
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        start = time.perf_counter()
+        report = fuzz_schema(schema, examples=examples, seed=seed, models=dict(HEALTHY_MODELS))
+        seconds = time.perf_counter() - start
+        if report.cases == 0:
+            raise SystemExit("not published: no case was sent")
+        for failure in report.failures[:20]:
+            print(f"FAIL {failure}")
+        failed += len(report.failures)
+        run = f"`--examples {examples} --seed {seed}`"
+        rows.append(f"| {run} | {report.cases} | {len(report.failures)} | {seconds:.0f} s |")
+        answers = ", ".join(f"{code} x{n}" for code, n in sorted(report.statuses.items()))
+        print(rows[-1], flush=True)
+    lines = [
+        f"`make fuzz` (`bench/fuzz.py --publish`), commit {commit}; {machine()}.",
+        "",
+        "| run (in-process app, in-memory backend) | cases | failures | time |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Answers of the last run: {answers}. The same seed and code give the same counts.",
+    ]
+    write_section(ROOT / "docs" / "reliability.md", "fuzz", "\n".join(lines))
+    print("\n".join(lines))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
