@@ -6,20 +6,20 @@ A100-80GB cards. Reported: GPUs used against two lower bounds, total need / card
 and total of the fractions, for first-fit decreasing (what `pack` runs) and for plain
 first-fit in catalog order.
 
-    .venv/bin/python bench/packing_quality.py
+    .venv/bin/python bench/packing_quality.py [--no-write]
+
+Writes the ``packing`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import head_commit, machine, publish
 
-from zeroserve.plan import GB, GPU, first_fit, pack  # noqa: E402
+from zeroserve.plan import GB, GPU, first_fit, pack
 
 FRACTIONS = (0.1, 0.125, 0.25, 0.5, 1.0)
 CARD = 80 * GB
@@ -45,9 +45,20 @@ def catalog(n: int, seed: int) -> list[tuple[str, float, int]]:
 
 
 def main() -> None:
-    print(f"{time.strftime('%Y-%m-%d')}, 50 models per catalog, A100-80GB cards")
-    print("| seed | total need / card (bound) | total fractions (bound) | pack (FFD) GPUs | plain first-fit GPUs |")
-    print("| --- | --- | --- | --- | --- |")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    commit = head_commit()
+    lines = [
+        f"`bench/packing_quality.py`, commit {commit}; {machine()}.",
+        "Synthetic catalogs of 50 models (30 % embedders, 20 % classifiers, 30 % 1-3B, 15 % 7-8B, 5 % 13-14B",
+        "LLMs, needs drawn per kind, seeded), each at the smallest fraction in {0.1, 0.125, 0.25, 0.5, 1}",
+        "that holds it on an A100-80GB.",
+        "",
+        "| seed | total need / card (bound) | total fractions (bound) | pack (FFD) GPUs | plain first-fit GPUs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    at_bound = 0
     for seed in range(5):
         items = catalog(50, seed)
         gpus = [GPU(f"g{i}", "A100-80GB", int(CARD)) for i in range(60)]
@@ -55,7 +66,15 @@ def main() -> None:
         by_fraction = math.ceil(sum(i[1] for i in items) - 1e-9)
         packed, plain = pack(items, gpus), first_fit(items, gpus)
         assert packed.ok and plain.ok
-        print(f"| {seed} | {by_need} | {by_fraction} | {packed.gpus_used} | {plain.gpus_used} |")
+        at_bound += packed.gpus_used == by_fraction
+        lines.append(f"| {seed} | {by_need} | {by_fraction} | {packed.gpus_used} | {plain.gpus_used} |")
+    lines += [
+        "",
+        f"The packer reaches the fractions' lower bound on {at_bound} of 5 catalogs; the remaining gap to the",
+        'memory bound is the price of coarse fractions, which the plan\'s "a smaller fraction would do"',
+        "warnings point at.",
+    ]
+    publish("packing", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":
