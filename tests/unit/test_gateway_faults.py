@@ -139,3 +139,20 @@ async def test_a_model_on_a_live_node_is_not_cut_short(monkeypatch: pytest.Monke
         assert not call.done()
         backend.gate.set()
         assert (await call).status_code == 200
+
+
+async def test_requests_in_flight_share_one_node_list_read() -> None:
+    """Every request in flight watches its model's nodes; a stale list is read once for all."""
+    reads = 0
+
+    class Slow(FakeBackend):
+        async def gpus(self) -> dict[str, float]:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.1)
+            return {"n1": 1.0}
+
+    app = create_app(GatewaySpec(), Slow())
+    state = app.state.gateway
+    results = await asyncio.gather(*(state.capacity(max_age_s=0) for _ in range(50)))
+    assert reads == 1 and all(r == {"n1": 1.0} for r in results)

@@ -42,6 +42,7 @@ class GatewayState:
     # Work that must finish after its request is answered (a charge at a stream's close).
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     _capacity: tuple[float, dict[str, float]] = (-1e9, {})
+    _capacity_read: asyncio.Future[dict[str, float]] | None = None
 
     @classmethod
     def create(
@@ -67,11 +68,21 @@ class GatewayState:
         )
 
     async def capacity(self, max_age_s: float = 5.0) -> dict[str, float]:
-        """GPUs per live node, read at most every ``max_age_s`` (the node list is a GCS call)."""
+        """GPUs per live node, read at most every ``max_age_s`` (the node list is a GCS call).
+
+        One read at a time: callers that find the list stale while a read is under way share
+        it (every request in flight watches its model's nodes, ``waits.replica_lost``).
+        """
         read_at, capacity = self._capacity
-        if time.monotonic() - read_at >= max_age_s:
-            capacity = await self.backend.gpus()
-            self._capacity = (time.monotonic(), capacity)
+        if time.monotonic() - read_at < max_age_s:
+            return capacity
+        if self._capacity_read is None or self._capacity_read.done():
+            self._capacity_read = asyncio.ensure_future(self._read_capacity())
+        return await asyncio.shield(self._capacity_read)
+
+    async def _read_capacity(self) -> dict[str, float]:
+        capacity = await self.backend.gpus()
+        self._capacity = (time.monotonic(), capacity)
         return capacity
 
     def keep(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
