@@ -1,6 +1,7 @@
 """Many nodes: a second Ray node (its own raylet and logical GPU) joins the session cluster;
-eight 0.25 models spread over both, the gateway reaches all, and losing a node is answered
-clearly for its models while the others keep serving."""
+eight 0.25 models spread over both and the gateway reaches all; a cold model evicts an idle one
+on the node it then fits on; and losing a whole machine under load loses no request, its model
+coming back on the surviving node once there is room."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def _alive_nodes(pool: Pool) -> int:
     return sum(1 for n in list_nodes(address=pool.cluster.dashboard_url) if n.state == "ALIVE")
 
 
-def _classify(pool: Pool, model: str, timeout_s: float = 60) -> httpx.Response:
-    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=timeout_s)
+def _classify(pool: Pool, model: str) -> httpx.Response:
+    return httpx.post(f"{pool.base_url}/v1/classify", json={"model": model, "input": "I love it"}, timeout=60)
 
 
 @contextlib.contextmanager
@@ -57,9 +58,9 @@ def _second_node(pool: Pool) -> Iterator[Any]:
         kill_node(node)
 
 
-def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> None:
+def test_eight_models_across_two_nodes(joinable_pool: Pool) -> None:
     pool = joinable_pool
-    with _second_node(pool) as node:
+    with _second_node(pool):
         models = {f"n{i}": dict(ARGS) for i in range(8)}
         pool.deploy(pool.config(models), timeout_s=300)
         wait_for(lambda: all(pool.running_replica_ids(m) for m in models), 300, "eight replicas running")
@@ -75,23 +76,6 @@ def test_eight_models_across_two_nodes_and_a_lost_node(joinable_pool: Pool) -> N
             m["id"]: m["zeroserve"]["nodes"] for m in httpx.get(f"{pool.base_url}/v1/models", timeout=10).json()["data"]
         }
         assert {tuple(v) for v in listed.values()} == {(n,) for n in per_node}
-
-        # Lose the second machine at once (every process of the node). Its models cannot move
-        # (the head's GPU is full): their requests are refused clearly within their bound, also
-        # the one whose call Ray would leave waiting until the request timeout (the gateway sees
-        # the node gone); the head's models keep serving.
-        head_node = next(n.node_id for n in list_nodes(address=pool.cluster.dashboard_url) if n.is_head_node)
-        lost = [m for m, n in placement.items() if n != head_node]
-        kept = [m for m, n in placement.items() if n == head_node]
-        kill_node(node)
-        start = time.monotonic()
-        resp = _classify(pool, lost[0], timeout_s=180)
-        assert time.monotonic() - start < 90  # Ray's node-death detection (~15 s), not the 120 s request bound
-        assert resp.status_code in (200, 503), resp.text
-        if resp.status_code == 503:
-            assert int(resp.headers["retry-after"]) > 0 and lost[0] in resp.json()["error"]["message"]
-        for m in kept:
-            assert _classify(pool, m).status_code == 200
 
 
 def test_a_cold_model_evicts_an_idle_one_on_a_node_where_it_then_fits(joinable_pool: Pool) -> None:
