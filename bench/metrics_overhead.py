@@ -34,7 +34,9 @@ def main() -> None:
         cfg = demo_config(port)
         template = next(a for a in cfg["applications"] if a["name"] == "tiny-sentiment")
         cfg["applications"] = [cfg["applications"][0]] + [
-            {**template, "name": f"m{i:02d}", "args": {**template["args"], "gpu_fraction": 0.05}} for i in range(20)
+            # No warm copies: twenty of them would build at once on these cores (and they export no series).
+            {**template, "name": f"m{i:02d}", "args": {**template["args"], "gpu_fraction": 0.05, "warm": False}}
+            for i in range(20)
         ]
         deploy(c, cfg, port)
         http = httpx.Client(timeout=120)
