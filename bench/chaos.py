@@ -29,7 +29,7 @@ from common import ROOT, cluster, demo_config, deploy, head_commit, machine, wai
 from ray.util.state import list_nodes
 
 from zeroserve.chaos import Fault, Pool, run_faults
-from zeroserve.cluster import add_node
+from zeroserve.cluster import add_node, kill_node
 from zeroserve.loadgen import Shot, Tally, mixed, run_load
 
 EMB, GEN, CLS = "all-MiniLM-L6-v2", "tiny-llama", "tiny-sentiment"
@@ -218,11 +218,17 @@ def machine_loss() -> None:
         pool = Pool(f"http://127.0.0.1:{port}", c.dashboard_url, c.address)
         base = demo_config(port, only=())
         deploy(c, base, port)  # the gateway first, on the head: the lost machine holds models only
-        add_node(
-            ROOT / ".run-bench", c, num_gpus=1, num_cpus=2, env={"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        )
         alive = lambda: sum(n.state == "ALIVE" for n in list_nodes(address=c.dashboard_url))  # noqa: E731
-        wait(lambda: alive() == 2, 120)
+        node_env = {"ZEROSERVE_HOME": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        for attempt in range(2):  # a node can time out joining a head that is still busy starting
+            node = add_node(ROOT / ".run-bench", c, num_gpus=1, num_cpus=2, env=node_env)
+            try:
+                wait(lambda: alive() == 2, 120)
+                break
+            except TimeoutError:
+                kill_node(node)
+                if attempt:
+                    raise
         models = [f"h{i}" for i in range(4)]
         base["applications"] += [
             {"name": m, "route_prefix": None, "import_path": "deployments.model:build", "args": dict(half)}
