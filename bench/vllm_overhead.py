@@ -1,20 +1,28 @@
-"""zeroserve against vLLM's own OpenAI server, same model, same machine, same run.
+"""zeroserve's vLLM models against vLLM's own OpenAI server and Ray Serve LLM, same model,
+same machine, same client, one run (issue 14's vLLM goals), written to docs/benchmarks.md.
 
-For concurrency 1, 8 and 32: output tokens/s and time to first token (streaming
-completions, 64 tokens each with ignore_eos, the same prompts) first against
-``python -m vllm.entrypoints.openai.api_server``, then through zeroserve's gateway to
-the same model on the vLLM engine. Also: engine start time on CPU with the engine core
-in-process (``LLM``, VLLM_ENABLE_V1_MULTIPROCESSING=0) and in a subprocess (``AsyncLLM``,
-what serving needs).
+For concurrency 1, 8 and 32: output tokens/s and time to first token (streaming completions,
+64 tokens each with ``ignore_eos``, the same prompts, after a warm-up), back to back against:
 
-    .venv/bin/python bench/vllm_overhead.py [--requests-per-level 32] [--model tiny|wide]
-        [--stream-interval N]
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` with the engine arguments
+  zeroserve's replica gives vLLM;
+- ``zeroserve``: the gateway on the default path (Serve's proxy, the gateway replica, the
+  model replica);
+- ``one-hop``: the gateway on the one-hop option (``zeroserve start --one-hop``: Ray's direct
+  ingress behind zeroserve's HAProxy shim);
+- ``ray-serve-llm``: Ray Serve LLM as a new user deploys it (``ray.serve.llm:build_openai_app``
+  through ``serve deploy``'s REST API, one CPU bundle, the same engine arguments).
+
+    .venv/bin/python bench/vllm_overhead.py [--model tiny|wide] [--requests-per-level 32]
+        [--targets vllm,zeroserve,one-hop,ray-serve-llm] [--stream-interval N] [--engine-start]
+        [--no-write]
 
 ``--model wide`` swaps the tiny Llama (about 3 ms per engine step here) for one with the same
 tokenizer and random weights, wide enough that an engine step costs what a real model's does
-on a GPU (tens of ms): how much of the gap is zeroserve's cost per streamed chunk.
-``--stream-interval N`` gives both servers vLLM's ``--stream-interval`` (zeroserve:
-``vllm.stream_interval``): N tokens per streamed chunk.
+on a GPU (tens of ms). ``--stream-interval N`` gives every server vLLM's ``--stream-interval``
+(zeroserve: ``vllm.stream_interval``). ``--engine-start`` also times vLLM's engine start with
+the engine core in-process and in a subprocess. The table goes to the section ``vllm-<model>``
+(``vllm-<model>-interval-N`` with a stream interval) unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from typing import Any
 
 import httpx
 import openai
-from common import ROOT, cluster, demo_config, deploy, machine, pct, vllm_server, wait
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, vllm_server, wait
 
+from zeroserve.cluster import one_hop_env
 from zeroserve.config import ModelSpec, parse_model_spec
+from zeroserve.engines.vllm_engine import vllm_cli_args
 
 MODEL_PATH = str(ROOT / "models" / "tiny-llama")
 NAME = "tiny-llama-vllm"
@@ -48,6 +58,16 @@ WIDE = {
 }
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
+TARGETS = ("vllm", "zeroserve", "one-hop", "ray-serve-llm")
+LABELS = {
+    "vllm": "vLLM's own server",
+    "zeroserve": "zeroserve (proxy path, the default)",
+    "one-hop": "zeroserve one-hop (`--one-hop`)",
+    "ray-serve-llm": "Ray Serve LLM (`build_openai_app`)",
+}
+# Issue 14's goals against vLLM's own server: tokens/s at least this share at every level, and
+# TTFT p50 within 1.2x + 10 ms.
+TOK_GOAL = {"tiny": 0.8, "wide": 0.95}
 
 
 async def load(base_url: str, concurrency: int, total: int) -> dict[str, float]:
@@ -109,24 +129,89 @@ def build_wide(out: Path) -> str:
     return str(out)
 
 
-def vllm_own_server(per_level: int, spec: ModelSpec) -> tuple[float, dict[int, dict[str, float]]]:
+Levels = dict[int, dict[str, float]]
+
+
+def vllm_own_server(per_level: int, spec: ModelSpec, source: str) -> Levels:
     """vLLM's own server with the engine arguments zeroserve's replica gives vLLM."""
-    with vllm_server(spec, NAME, spec.model) as (base, launched):
+    with vllm_server(spec, NAME, source) as (base, _):
         wait(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 600)
-        started = time.perf_counter() - launched
-        return started, run_levels(f"{base}/v1", per_level)
+        return run_levels(f"{base}/v1", per_level)
 
 
-def zeroserve(per_level: int, args: dict[str, Any]) -> tuple[float, dict[int, dict[str, float]]]:
-    with cluster() as (c, port):
+def zeroserve(per_level: int, args: dict[str, Any], one_hop: bool) -> Levels:
+    with cluster(one_hop_env() if one_hop else None) as (c, port):
         cfg = demo_config(port, only=[NAME])
         cfg["applications"][1]["args"] = args
         deploy(c, cfg, port)
-        start = time.perf_counter()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600)
-        client.completions.create(model=NAME, prompt="warm", max_tokens=1)
-        cold = time.perf_counter() - start
-        return cold, run_levels(f"http://127.0.0.1:{port}/v1", per_level)
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600).completions.create(
+            model=NAME, prompt="warm", max_tokens=1
+        )
+        return run_levels(f"http://127.0.0.1:{port}/v1", per_level)
+
+
+def engine_kwargs(argv: list[str]) -> dict[str, Any]:
+    """``vllm serve`` arguments as vLLM engine keyword arguments (Ray Serve LLM's
+    ``engine_kwargs``), less the model and its served name, which Ray Serve LLM sets."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        key = argv[i].removeprefix("--").replace("-", "_")
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value: Any = argv[i + 1]
+            i += 2
+        else:
+            value, i = True, i + 1
+        if key.startswith("no_"):
+            key, value = key.removeprefix("no_"), False
+        out[key] = int(value) if isinstance(value, str) and value.isdigit() else value
+    for key in ("model", "served_model_name"):
+        out.pop(key, None)
+    return out
+
+
+def ray_serve_llm(per_level: int, spec: ModelSpec, source: str) -> Levels:
+    """Ray Serve LLM as its docs deploy it: ``build_openai_app`` by import path in a Serve config,
+    on the same cluster setup zeroserve gets (one CPU bundle: this machine has no CUDA)."""
+    assert spec.vllm is not None
+    kwargs = engine_kwargs(vllm_cli_args(spec, NAME, source, cuda=False, total_bytes=None))
+    llm_config = {
+        "model_loading_config": {"model_id": NAME, "model_source": source},
+        "engine_kwargs": kwargs,
+        "placement_group_config": {"bundles": [{"CPU": 0.1}]},
+        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}"}},
+        "deployment_config": {"num_replicas": 1, "max_ongoing_requests": spec.max_ongoing_requests},
+    }
+    with cluster() as (c, port):
+        cfg = {
+            "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [
+                {
+                    "name": "ray-serve-llm",
+                    "route_prefix": "/",
+                    "import_path": "ray.serve.llm:build_openai_app",
+                    "args": {"llm_configs": [llm_config]},
+                }
+            ],
+        }
+        httpx.put(f"{c.dashboard_url}/api/serve/applications/", json=cfg, timeout=60).raise_for_status()
+        base = f"http://127.0.0.1:{port}/v1"
+
+        def answers() -> bool:
+            body = {"model": NAME, "prompt": "warm", "max_tokens": 1}
+            return httpx.post(f"{base}/completions", json=body, timeout=120).status_code == 200
+
+        wait(answers, 900)
+        return run_levels(base, per_level)
+
+
+def measure(target: str, per_level: int, app_args: dict[str, Any]) -> Levels:
+    spec = parse_model_spec(app_args, NAME)
+    if target == "vllm":
+        return vllm_own_server(per_level, spec, app_args["model"])
+    if target == "ray-serve-llm":
+        return ray_serve_llm(per_level, spec, app_args["model"])
+    return zeroserve(per_level, app_args, one_hop=target == "one-hop")
 
 
 def engine_start(in_process: bool, model: str) -> float:
@@ -162,46 +247,91 @@ print("START", time.perf_counter() - t)
     return float(line.split()[1])
 
 
+def table(model: str, source: str, results: dict[str, Levels], args: argparse.Namespace, commit: str) -> list[str]:
+    import ray
+    import vllm
+
+    interval = args.stream_interval or 1
+    lines = [
+        f"`bench/vllm_overhead.py --model {model}`"
+        + (f" `--stream-interval {interval}`" if args.stream_interval else "")
+        + f", commit {commit}; {machine()}; vllm {vllm.__version__}, ray {ray.__version__}.",
+        "",
+        f"Model: {source}; {MAX_TOKENS}-token streamed completions with `ignore_eos`, "
+        f"{args.requests_per_level} requests per level (at least the concurrency), one chunk per "
+        f"{interval} token(s); the servers measured back to back in this order.",
+        "",
+        "| concurrency | server | tok/s | vs vLLM | TTFT p50 ms | TTFT p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    base = results.get("vllm")
+    for c in LEVELS:
+        for target, levels in results.items():
+            row = levels[c]
+            ratio = f"{row['tok_s'] / base[c]['tok_s']:.2f}x" if base else "-"
+            lines.append(
+                f"| {c} | {LABELS[target]} | {row['tok_s']:.0f} | {ratio} | "
+                f"{row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} |"
+            )
+    lines += ["", *verdicts(model, results)]
+    return lines
+
+
+def verdicts(model: str, results: dict[str, Levels]) -> list[str]:
+    """Issue 14's goals, judged on this run's figures."""
+    out = []
+    base, rival = results.get("vllm"), results.get("ray-serve-llm")
+    for target in ("zeroserve", "one-hop"):
+        ours = results.get(target)
+        if ours is None:
+            continue
+        if base:
+            tok = all(ours[c]["tok_s"] >= TOK_GOAL[model] * base[c]["tok_s"] for c in LEVELS)
+            ttft = all(ours[c]["ttft_p50_ms"] <= 1.2 * base[c]["ttft_p50_ms"] + 10 for c in LEVELS)
+            out.append(
+                f"- {LABELS[target]}: at least {TOK_GOAL[model]}x vLLM's tok/s at every level: "
+                f"{'met' if tok else 'not met'}; TTFT p50 within 1.2x + 10 ms of vLLM's: "
+                f"{'met' if ttft else 'not met'}."
+            )
+        if rival:
+            ahead = [c for c in LEVELS if ours[c]["tok_s"] > rival[c]["tok_s"]]
+            sooner = [c for c in LEVELS if ours[c]["ttft_p50_ms"] < rival[c]["ttft_p50_ms"]]
+            out.append(
+                f"- {LABELS[target]} ahead of Ray Serve LLM: tok/s at concurrency "
+                f"{', '.join(map(str, ahead)) or 'none'}; TTFT p50 at {', '.join(map(str, sooner)) or 'none'} "
+                f"(goal: every level)."
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-per-level", type=int, default=32)
     parser.add_argument("--model", choices=("tiny", "wide"), default="tiny")
     parser.add_argument("--stream-interval", type=int, default=None)
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from: " + ", ".join(TARGETS))
+    parser.add_argument("--engine-start", action="store_true", help="also time vLLM's engine start both ways")
+    parser.add_argument("--no-write", dest="write", action="store_false", help="print only")
     args = parser.parse_args()
-    model = build_wide(ROOT / "models" / "bench-llama-wide") if args.model == "wide" else MODEL_PATH
-    # The demo's args for the model, both servers' engine arguments derived from them.
+    commit = head_commit()  # what is measured: read before the run, in which the tree may change
+    targets = [t for t in args.targets.split(",") if t]
+    if unknown := set(targets) - set(TARGETS):
+        parser.error(f"unknown targets: {sorted(unknown)}")
+    source = build_wide(ROOT / "models" / "bench-llama-wide") if args.model == "wide" else MODEL_PATH
+    # The demo's args for the model; every server's engine arguments are derived from them.
     app_args = demo_config(0, only=[NAME])["applications"][1]["args"]
-    app_args["model"] = model
+    app_args["model"] = source
     if args.stream_interval:
         app_args["vllm"]["stream_interval"] = args.stream_interval
-    starts = {
-        "in-process (LLM)": engine_start(True, model),
-        "engine-core subprocess (AsyncLLM)": engine_start(False, model),
-    }
-    v_start, v = vllm_own_server(args.requests_per_level, parse_model_spec(app_args, NAME))
-    z_cold, z = zeroserve(args.requests_per_level, app_args)
-    import vllm
-
-    print(f"machine: {machine()}, vllm {vllm.__version__}")
-    print(f"model: {model}, stream interval: {args.stream_interval or 1}")
-    print("| engine start on CPU | s |\n| --- | --- |")
-    for k, s in starts.items():
-        print(f"| {k} | {s:.1f} |")
-    print(
-        f"\nvLLM server start to /health: {v_start:.1f} s; zeroserve cold start (request to "
-        f"first answer, replica from zero): {z_cold:.1f} s\n"
-    )
-    print(
-        "| concurrency | vLLM server tok/s | zeroserve tok/s | ratio | vLLM TTFT p50 ms | "
-        "zeroserve TTFT p50 ms | vLLM TTFT p99 ms | zeroserve TTFT p99 ms |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for c in LEVELS:
-        a, b = v[c], z[c]
-        print(
-            f"| {c} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {b['tok_s'] / a['tok_s']:.3f} | "
-            f"{a['ttft_p50_ms']:.0f} | {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} | {b['ttft_p99_ms']:.0f} |"
-        )
+    if args.engine_start:
+        for name, in_process in (("in-process (LLM)", True), ("engine-core subprocess (AsyncLLM)", False)):
+            print(f"engine start, {name}: {engine_start(in_process, source):.1f} s", flush=True)
+    results: dict[str, Levels] = {}
+    for target in targets:
+        results[target] = measure(target, args.requests_per_level, app_args)
+        print(target, results[target], flush=True)
+    section = f"vllm-{args.model}" + (f"-interval-{args.stream_interval}" if args.stream_interval else "")
+    publish(section, table(args.model, source, results, args, commit), write=args.write and len(targets) > 1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
 from .conftest import WARM, Pool, wait_for
@@ -137,6 +138,19 @@ def _warm_copy_pid(app: str) -> int:
     return int(actor.pid)
 
 
+def _engine_cores(owner_pid: int) -> list[psutil.Process]:
+    """vLLM's engine core processes under ``owner_pid`` (it names them ``VLLM::EngineCore``)."""
+    return [p for p in psutil.Process(owner_pid).children(recursive=True) if "EngineCore" in p.name() and _alive(p)]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running, as opposed to exited (a zombie holds no memory and waits only for its reaper)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _kill_engine_core_then_served_again(pool: Pool, owner_pid: int, replica_id: str) -> None:
     """Kill vLLM's engine core (a child process of ``owner_pid``): a request meanwhile gets a clear
     503 to retry (or a 200 once replaced), Serve replaces the replica whose health check fails,
@@ -144,7 +158,6 @@ def _kill_engine_core_then_served_again(pool: Pool, owner_pid: int, replica_id: 
     import signal
 
     import httpx
-    import psutil
 
     cores = psutil.Process(owner_pid).children(recursive=True)
     assert cores, "the vLLM engine core runs in a child process"
@@ -184,22 +197,24 @@ def test_a_vllm_model_not_kept_warm_runs_its_engine_in_the_replica(vllm_pool: Po
     """``warm: false`` (and every vLLM model on a GPU, where the copy refuses): the replica starts
     vLLM itself, as a dead engine core there shows. Redeployed so, the model's warm copy goes
     away with its engine core: no vLLM process is left but the replica's."""
-    import psutil
     from ray import serve
 
     copy_pid = _warm_copy_pid(VLLM)
+    copy_cores = _engine_cores(copy_pid)
+    assert copy_cores, "the warm copy runs vLLM's engine core in a child process"
     cold = vllm_pool.models(VLLM, autoscaling=WARM, warm=False)
     vllm_pool.deploy(vllm_pool.config(cold), timeout_s=300)
     wait_for(lambda: vllm_pool.running_replica_ids(VLLM), 300, "the vLLM replica")
     wait_for(lambda: not psutil.pid_exists(copy_pid), 60, "the old warm copy to exit")
+
+    def copy_cores_gone() -> bool:
+        left = [p for p in copy_cores if _alive(p)]
+        assert not left, f"still running: {[(p.pid, p.status(), p.ppid()) for p in left]}"
+        return True
+
+    wait_for(copy_cores_gone, 60, "the warm copy's engine core to exit with it")
     (replica,) = [r for r in vllm_pool.replicas(VLLM) if r["state"] == "RUNNING"]
-    ours = {p.pid for p in psutil.Process(replica["pid"]).children(recursive=True)}
-
-    def only_the_replicas_engine() -> bool:
-        cores = {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
-        return bool(cores) and cores <= ours
-
-    wait_for(only_the_replicas_engine, 60, "the warm copy's engine core to exit with it")
+    assert _engine_cores(replica["pid"]), "the replica runs vLLM's engine core itself"
     out = vllm_pool.openai(timeout=300).completions.create(model=VLLM, prompt="The quick", max_tokens=16, temperature=0)
     assert out.choices[0].text == _transformers_greedy("The quick", 16)[0]
     assert serve.get_app_handle(VLLM).stats.remote().result(timeout_s=60)["start_path"] == "cold"
