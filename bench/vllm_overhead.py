@@ -197,11 +197,19 @@ def ray_serve_llm(per_level: int, spec: ModelSpec, source: str) -> Levels:
         httpx.put(f"{c.dashboard_url}/api/serve/applications/", json=cfg, timeout=60).raise_for_status()
         base = f"http://127.0.0.1:{port}/v1"
 
-        def answers() -> bool:
-            body = {"model": NAME, "prompt": "warm", "max_tokens": 1}
-            return httpx.post(f"{base}/completions", json=body, timeout=120).status_code == 200
-
-        wait(answers, 900)
+        deadline = time.monotonic() + 900
+        while True:
+            app = httpx.get(f"{c.dashboard_url}/api/serve/applications/", timeout=10).json()["applications"]
+            status = app.get("ray-serve-llm", {}).get("status")
+            if status == "DEPLOY_FAILED":
+                raise RuntimeError(f"Ray Serve LLM did not deploy: {app['ray-serve-llm'].get('message', '')[-2000:]}")
+            if status == "RUNNING":
+                body = {"model": NAME, "prompt": "warm", "max_tokens": 1}
+                if httpx.post(f"{base}/completions", json=body, timeout=120).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray Serve LLM not serving after 900 s (status {status})")
+            time.sleep(1)
         return run_levels(base, per_level)
 
 

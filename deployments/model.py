@@ -179,7 +179,7 @@ class ModelServer:
             first = await anext(stream)
             yield first
             if isinstance(first, OpenAIStream):
-                async for chunk in coalesce(_usage_apart(stream)):
+                async for chunk in coalesce(_usage_apart(stream), interval_s=self.spec.stream_batch_s):
                     yield chunk
         yield Meter(work.engine_s * self.spec.gpu_fraction)
 

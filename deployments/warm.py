@@ -237,7 +237,7 @@ class WarmModel:
     async def openai(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """An OpenAI request for vLLM's own layer; the SSE lines already waiting go as one message
         (each message is a Ray object on the way to the replica)."""
-        async for message in coalesce(self._engine().openai(endpoint, body)):
+        async for message in coalesce(self._engine().openai(endpoint, body), interval_s=self.spec.stream_batch_s):
             yield message
 
     async def health(self) -> None:

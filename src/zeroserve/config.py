@@ -108,6 +108,14 @@ class VLLMOptions(_Strict):
         description="Tokens per streamed chunk (vLLM's --stream-interval; vLLM's default 1). "
         "Raise it where host CPUs are scarce: each chunk crosses two Ray hops.",
     )
+    stream_batch_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="A stream's text is sent at most once per this many ms, with every token that "
+        "arrived meanwhile (the first token at once). Each message crosses the Ray hops to the "
+        "client; tokens faster than this share one. 0: every token alone as soon as it exists.",
+    )
     cpu_kv_cache_space_gb: float = Field(
         default=1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -190,6 +198,11 @@ class ModelSpec(_Strict):
     def uses_warm_tier(self) -> bool:
         """Whether its replicas attach to a warm copy (``warm``; a vLLM copy refuses on a GPU)."""
         return self.warm
+
+    @property
+    def stream_batch_s(self) -> float:
+        """How far apart a stream's messages go at least (``vllm.stream_batch_ms``; 0 elsewhere)."""
+        return self.vllm.stream_batch_ms / 1000 if self.vllm else 0.0
 
     @property
     def never_yields(self) -> bool:

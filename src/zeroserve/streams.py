@@ -13,7 +13,7 @@ _DONE = object()
 _NONE = object()
 
 
-async def coalesce(source: AsyncIterator[Any], max_items: int = 256) -> AsyncIterator[Any]:
+async def coalesce(source: AsyncIterator[Any], max_items: int = 256, interval_s: float = 0.0) -> AsyncIterator[Any]:
     """Join the text pieces of ``source`` that are already waiting into one, adding no delay.
 
     Items that are not ``str`` (typed messages) are never joined: they go out alone, in order.
@@ -22,6 +22,12 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256) -> AsyncIte
     (replica → gateway → proxy). Under load the consumer falls behind the engine and
     pieces pile up: they are sent together. When the consumer keeps up, every piece goes
     out alone as soon as it exists, so the time to first token is unchanged.
+
+    ``interval_s`` (Ray Serve LLM's stream batching, without its wait for the first token):
+    the first text goes out at once, and each later text at least ``interval_s`` after the
+    one before, with every piece that arrived meanwhile. A stream whose pieces come further
+    apart than that is not slowed; one that comes faster is sent at most once per interval,
+    so each hop carries one message per interval instead of one per token.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -35,9 +41,15 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256) -> AsyncIte
             queue.put_nowait(_DONE)
 
     task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    last_text: float | None = None
     try:
         while True:
             item = await queue.get()
+            if interval_s and last_text is not None and isinstance(item, str):
+                # Hold the piece until the interval since the last text is over: what arrives
+                # meanwhile (more pieces, the end) goes with it.
+                await asyncio.sleep(max(0.0, last_text + interval_s - loop.time()))
             pending: BaseException | None = None
             done = False
             parts: list[str] = []
@@ -58,6 +70,7 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256) -> AsyncIte
                 item = queue.get_nowait()
             if parts:
                 yield "".join(parts)
+                last_text = loop.time()
             if alone is not _NONE:
                 yield alone
             if pending is not None:

@@ -53,3 +53,26 @@ async def test_typed_messages_go_alone_and_in_order() -> None:
     at = got.index(marker)
     assert "".join(got[:at]) == "ab"
     assert "".join(got[at + 1 :]) == "cd"
+
+
+async def test_with_an_interval_the_first_piece_goes_at_once_and_later_ones_together() -> None:
+    """A piece every 5 ms, a 50 ms interval: the first alone and at once, then about one message
+    per interval carrying everything that arrived, in order, and nothing held past the end."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got: list[tuple[float, str]] = []
+    async for chunk in coalesce(_source([str(i % 10) for i in range(40)], delay=0.005), interval_s=0.05):
+        got.append((loop.time() - started, chunk))
+    assert got[0][1] == "0"
+    assert "".join(chunk for _, chunk in got) == "".join(str(i % 10) for i in range(40))
+    # 40 pieces over at least 0.2 s: one message per interval at most (plus the first).
+    assert len(got) <= 1 + (got[-1][0] - got[0][0]) / 0.05 + 1
+    assert len(got) < 40
+    gaps = [b - a for (a, _), (b, _) in zip(got, got[1:], strict=False)]
+    assert min(gaps) >= 0.045
+
+
+async def test_with_an_interval_pieces_further_apart_are_not_held() -> None:
+    """Pieces 30 ms apart with a 10 ms interval: each goes alone, as soon as it exists."""
+    got = [x async for x in coalesce(_source(["a", "b", "c"], delay=0.03), interval_s=0.01)]
+    assert got == ["a", "b", "c"]
