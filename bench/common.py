@@ -180,7 +180,9 @@ def write_section(path: Path, name: str, text: str) -> None:
 
 
 @contextmanager
-def vllm_server(spec: ModelSpec, name: str, source: str) -> Iterator[tuple[str, float]]:
+def vllm_server(
+    spec: ModelSpec, name: str, source: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, float]]:
     """vLLM's own OpenAI server (a subprocess on loopback) with the engine arguments zeroserve
     gives vLLM for ``spec``: its base URL and when it was launched (``time.perf_counter()``).
     Stopped on exit."""
@@ -188,7 +190,12 @@ def vllm_server(spec: ModelSpec, name: str, source: str) -> Iterator[tuple[str, 
 
     assert spec.vllm is not None
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": f"{spec.vllm.cpu_kv_cache_space_gb:g}",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
     argv = vllm_cli_args(spec, name, source, cuda=False, total_bytes=None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1"]
     launched = time.perf_counter()

@@ -14,7 +14,7 @@ For concurrency 1, 8 and 32: output tokens/s and time to first token (streaming 
   through ``serve deploy``'s REST API, one CPU bundle, the same engine arguments).
 
     .venv/bin/python bench/vllm_overhead.py [--model tiny|wide] [--requests-per-level 32]
-        [--targets vllm,zeroserve,one-hop,ray-serve-llm] [--stream-interval N] [--engine-start]
+        [--targets vllm,ray-serve-llm,zeroserve,one-hop] [--stream-interval N] [--engine-start]
         [--no-write]
 
 ``--model wide`` swaps the tiny Llama (about 3 ms per engine step here) for one with the same
@@ -58,7 +58,7 @@ WIDE = {
 }
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
-TARGETS = ("vllm", "zeroserve", "one-hop", "ray-serve-llm")
+TARGETS = ("vllm", "ray-serve-llm", "zeroserve", "one-hop")
 LABELS = {
     "vllm": "vLLM's own server",
     "zeroserve": "zeroserve (proxy path, the default)",
@@ -133,8 +133,11 @@ Levels = dict[int, dict[str, float]]
 
 
 def vllm_own_server(per_level: int, spec: ModelSpec, source: str) -> Levels:
-    """vLLM's own server with the engine arguments zeroserve's replica gives vLLM."""
-    with vllm_server(spec, NAME, source) as (base, _):
+    """vLLM's own server with the engine arguments zeroserve's replica gives vLLM, and its CPU
+    threads: Ray sets ``OMP_NUM_THREADS`` to an actor's whole CPUs (at least 1), which on this
+    CPU-only machine is the engine's compute (vLLM's own server would take every core)."""
+    threads = str(max(1, int(spec.num_cpus)))
+    with vllm_server(spec, NAME, source, env={"OMP_NUM_THREADS": threads}) as (base, _):
         wait(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 600)
         return run_levels(f"{base}/v1", per_level)
 
@@ -190,7 +193,12 @@ def ray_serve_llm(per_level: int, spec: ModelSpec, source: str) -> Levels:
                     "name": "ray-serve-llm",
                     "route_prefix": "/",
                     "import_path": "ray.serve.llm:build_openai_app",
-                    "args": {"llm_configs": [llm_config]},
+                    # The ingress asks for a whole CPU by default, which two cores shared with the
+                    # engine cannot give; it gets what zeroserve's gateway asks for.
+                    "args": {
+                        "llm_configs": [llm_config],
+                        "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}},
+                    },
                 }
             ],
         }
@@ -255,7 +263,9 @@ print("START", time.perf_counter() - t)
     return float(line.split()[1])
 
 
-def table(model: str, source: str, results: dict[str, Levels], args: argparse.Namespace, commit: str) -> list[str]:
+def table(
+    model: str, source: str, results: dict[str, Levels], args: argparse.Namespace, commit: str, threads: int
+) -> list[str]:
     import ray
     import vllm
 
@@ -267,7 +277,9 @@ def table(model: str, source: str, results: dict[str, Levels], args: argparse.Na
         "",
         f"Model: {source}; {MAX_TOKENS}-token streamed completions with `ignore_eos`, "
         f"{args.requests_per_level} requests per level (at least the concurrency), one chunk per "
-        f"{interval} token(s); the servers measured back to back in this order.",
+        f"{interval} token(s); the servers measured back to back in this order. vLLM's own server "
+        f"runs with `OMP_NUM_THREADS={threads}`, what Ray gives every replica here (the engine's compute "
+        "threads on this CPU-only machine).",
         "",
         "| concurrency | server | tok/s | vs vLLM | TTFT p50 ms | TTFT p99 ms |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -334,12 +346,13 @@ def main() -> None:
     if args.engine_start:
         for name, in_process in (("in-process (LLM)", True), ("engine-core subprocess (AsyncLLM)", False)):
             print(f"engine start, {name}: {engine_start(in_process, source):.1f} s", flush=True)
+    threads = max(1, int(parse_model_spec(app_args, NAME).num_cpus))
     results: dict[str, Levels] = {}
     for target in targets:
         results[target] = measure(target, args.requests_per_level, app_args)
         print(target, results[target], flush=True)
     section = f"vllm-{args.model}" + (f"-interval-{args.stream_interval}" if args.stream_interval else "")
-    publish(section, table(args.model, source, results, args, commit), write=args.write and len(targets) > 1)
+    publish(section, table(args.model, source, results, args, commit, threads), write=args.write and len(targets) > 1)
 
 
 if __name__ == "__main__":
