@@ -181,7 +181,7 @@ def write_section(path: Path, name: str, text: str) -> None:
 
 @contextmanager
 def vllm_server(
-    spec: ModelSpec, name: str, source: str, env: dict[str, str] | None = None
+    spec: ModelSpec, name: str, source: str, env: dict[str, str] | None = None, niceness: int = 0
 ) -> Iterator[tuple[str, float]]:
     """vLLM's own OpenAI server (a subprocess on loopback) with the engine arguments zeroserve
     gives vLLM for ``spec``: its base URL and when it was launched (``time.perf_counter()``).
@@ -199,7 +199,10 @@ def vllm_server(
     argv = vllm_cli_args(spec, name, source, cuda=False, total_bytes=None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1"]
     launched = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nice = ["nice", "-n", str(niceness)] if niceness else []
+    proc = subprocess.Popen(
+        [*nice, *cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         yield f"http://127.0.0.1:{port}", launched
     finally:

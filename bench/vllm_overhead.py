@@ -14,13 +14,15 @@ For concurrency 1, 8 and 32: output tokens/s and time to first token (streaming 
   through ``serve deploy``'s REST API, one CPU bundle, the same engine arguments).
 
     .venv/bin/python bench/vllm_overhead.py [--model tiny|wide] [--requests-per-level 32]
-        [--targets vllm,ray-serve-llm,zeroserve,one-hop] [--stream-interval N] [--engine-start]
+        [--targets vllm,ray-serve-llm,zeroserve,one-hop] [--stream-interval N] [--stream-batch-ms MS]
+        [--engine-start]
         [--no-write]
 
 ``--model wide`` swaps the tiny Llama (about 3 ms per engine step here) for one with the same
 tokenizer and random weights, wide enough that an engine step costs what a real model's does
 on a GPU (tens of ms). ``--stream-interval N`` gives every server vLLM's ``--stream-interval``
-(zeroserve: ``vllm.stream_interval``). ``--engine-start`` also times vLLM's engine start with
+(zeroserve: ``vllm.stream_interval``); ``--stream-batch-ms MS`` sets zeroserve's
+``vllm.stream_batch_ms``. ``--engine-start`` also times vLLM's engine start with
 the engine core in-process and in a subprocess. The table goes to the section ``vllm-<model>``
 (``vllm-<model>-interval-N`` with a stream interval) unless ``--no-write``.
 """
@@ -58,6 +60,7 @@ WIDE = {
 }
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 64
+RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))
 TARGETS = ("vllm", "ray-serve-llm", "zeroserve", "one-hop")
 LABELS = {
     "vllm": "vLLM's own server",
@@ -133,11 +136,14 @@ Levels = dict[int, dict[str, float]]
 
 
 def vllm_own_server(per_level: int, spec: ModelSpec, source: str) -> Levels:
-    """vLLM's own server with the engine arguments zeroserve's replica gives vLLM, and its CPU
-    threads: Ray sets ``OMP_NUM_THREADS`` to an actor's whole CPUs (at least 1), which on this
-    CPU-only machine is the engine's compute (vLLM's own server would take every core)."""
+    """vLLM's own server with the engine arguments zeroserve's replica gives vLLM, and what Ray
+    gives a replica's processes: ``OMP_NUM_THREADS`` set to the actor's whole CPUs (at least 1),
+    which on this CPU-only machine is the engine's compute, and Ray's worker niceness (15 unless
+    ``RAY_worker_niceness`` says otherwise), so that the benchmark's client, on the same two
+    cores, competes with every server alike."""
     threads = str(max(1, int(spec.num_cpus)))
-    with vllm_server(spec, NAME, source, env={"OMP_NUM_THREADS": threads}) as (base, _):
+    env = {"OMP_NUM_THREADS": threads}
+    with vllm_server(spec, NAME, source, env=env, niceness=RAY_WORKER_NICENESS) as (base, _):
         wait(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 600)
         return run_levels(f"{base}/v1", per_level)
 
@@ -264,22 +270,30 @@ print("START", time.perf_counter() - t)
 
 
 def table(
-    model: str, source: str, results: dict[str, Levels], args: argparse.Namespace, commit: str, threads: int
+    model: str,
+    source: str,
+    results: dict[str, Levels],
+    args: argparse.Namespace,
+    commit: str,
+    threads: int,
+    app_args: dict[str, Any],
 ) -> list[str]:
-    import ray
     import vllm
 
     interval = args.stream_interval or 1
+    shown = Path(source).relative_to(ROOT) if Path(source).is_relative_to(ROOT) else source
     lines = [
         f"`bench/vllm_overhead.py --model {model}`"
         + (f" `--stream-interval {interval}`" if args.stream_interval else "")
-        + f", commit {commit}; {machine()}; vllm {vllm.__version__}, ray {ray.__version__}.",
+        + f", commit {commit}; {machine()}; vllm {vllm.__version__}.",
         "",
-        f"Model: {source}; {MAX_TOKENS}-token streamed completions with `ignore_eos`, "
+        f"Model: {shown}; {MAX_TOKENS}-token streamed completions with `ignore_eos`, "
         f"{args.requests_per_level} requests per level (at least the concurrency), one chunk per "
-        f"{interval} token(s); the servers measured back to back in this order. vLLM's own server "
-        f"runs with `OMP_NUM_THREADS={threads}`, what Ray gives every replica here (the engine's compute "
-        "threads on this CPU-only machine).",
+        f"{interval} token(s), zeroserve's streams batched every "
+        f"{parse_model_spec(app_args, NAME).stream_batch_s * 1000:g} ms; the servers measured back to back "
+        "in this order. vLLM's own server "
+        f"runs with `OMP_NUM_THREADS={threads}` and niceness {RAY_WORKER_NICENESS}, what Ray gives every "
+        "replica's processes here (the engine computes on these two cores, beside the client).",
         "",
         "| concurrency | server | tok/s | vs vLLM | TTFT p50 ms | TTFT p99 ms |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -329,6 +343,9 @@ def main() -> None:
     parser.add_argument("--requests-per-level", type=int, default=32)
     parser.add_argument("--model", choices=("tiny", "wide"), default="tiny")
     parser.add_argument("--stream-interval", type=int, default=None)
+    parser.add_argument(
+        "--stream-batch-ms", type=float, default=None, help="zeroserve's vllm.stream_batch_ms (default: the config's)"
+    )
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from: " + ", ".join(TARGETS))
     parser.add_argument("--engine-start", action="store_true", help="also time vLLM's engine start both ways")
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only")
@@ -343,6 +360,8 @@ def main() -> None:
     app_args["model"] = source
     if args.stream_interval:
         app_args["vllm"]["stream_interval"] = args.stream_interval
+    if args.stream_batch_ms is not None:
+        app_args["vllm"]["stream_batch_ms"] = args.stream_batch_ms
     if args.engine_start:
         for name, in_process in (("in-process (LLM)", True), ("engine-core subprocess (AsyncLLM)", False)):
             print(f"engine start, {name}: {engine_start(in_process, source):.1f} s", flush=True)
@@ -352,7 +371,10 @@ def main() -> None:
         results[target] = measure(target, args.requests_per_level, app_args)
         print(target, results[target], flush=True)
     section = f"vllm-{args.model}" + (f"-interval-{args.stream_interval}" if args.stream_interval else "")
-    publish(section, table(args.model, source, results, args, commit, threads), write=args.write and len(targets) > 1)
+    if args.stream_batch_ms is not None:
+        section += f"-batch-{args.stream_batch_ms:g}ms"
+    lines = table(args.model, source, results, args, commit, threads, app_args)
+    publish(section, lines, write=args.write and len(targets) > 1)
 
 
 if __name__ == "__main__":
