@@ -18,7 +18,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-ab chaos load fuzz gpu-check clean
+.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-vllm bench-ab chaos load fuzz gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs (ONE_HOP=1: HAProxy, no Python proxy)"
@@ -28,6 +28,7 @@ help:
 	@echo "make test       set up and run the whole test suite"
 	@echo "make deploy     plan, then deploy CONFIG=... (CLUSTER=cluster.yaml or GPUS=4xA100-80GB; ADDRESS=...)"
 	@echo "make bench      run the benchmarks in bench/; each writes its own section of docs/benchmarks.md"
+	@echo "make bench-vllm vLLM models against vLLM's own server and Ray Serve LLM: docs/benchmarks.md"
 	@echo "make bench-ab BASE=rev   the gateway's cost at BASE and now, alternating (in-process and through Ray)"
 	@echo "make chaos      faults under load, a failing model, a redeploy: figures to docs/reliability.md"
 	@echo "make fuzz       schemathesis against the in-process gateway: figures to docs/reliability.md"
@@ -102,6 +103,11 @@ bench: models
 	$(BIN)/python bench/pool_wake.py
 	$(BIN)/python bench/pool_trace.py
 	$(BIN)/python bench/ingress_ab.py
+
+# vLLM models against vLLM's own server and Ray Serve LLM, back to back (about 30 min on 2 cores).
+bench-vllm: models
+	$(BIN)/python bench/vllm_overhead.py --model tiny --requests-per-level 64
+	$(BIN)/python bench/vllm_overhead.py --model wide
 
 bench-ab: models
 	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }

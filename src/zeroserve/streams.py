@@ -31,6 +31,8 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256, interval_s:
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
+    ended = asyncio.Event()  # the source finished (or failed): nothing more is worth waiting for
+
     async def pump() -> None:
         try:
             async for item in source:
@@ -39,6 +41,7 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256, interval_s:
             queue.put_nowait(exc)
         finally:
             queue.put_nowait(_DONE)
+            ended.set()
 
     task = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()
@@ -47,9 +50,10 @@ async def coalesce(source: AsyncIterator[Any], max_items: int = 256, interval_s:
         while True:
             item = await queue.get()
             if interval_s and last_text is not None and isinstance(item, str):
-                # Hold the piece until the interval since the last text is over: what arrives
-                # meanwhile (more pieces, the end) goes with it.
-                await asyncio.sleep(max(0.0, last_text + interval_s - loop.time()))
+                # Hold the piece until the interval since the last text is over: more pieces
+                # arriving meanwhile go with it. The end of the stream is not waited out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), max(0.0, last_text + interval_s - loop.time()))
             pending: BaseException | None = None
             done = False
             parts: list[str] = []

@@ -76,3 +76,13 @@ async def test_with_an_interval_pieces_further_apart_are_not_held() -> None:
     """Pieces 30 ms apart with a 10 ms interval: each goes alone, as soon as it exists."""
     got = [x async for x in coalesce(_source(["a", "b", "c"], delay=0.03), interval_s=0.01)]
     assert got == ["a", "b", "c"]
+
+
+async def test_with_an_interval_the_end_of_the_stream_is_not_held() -> None:
+    """The last pieces of a stream go as soon as the stream ends, not an interval later."""
+    loop = asyncio.get_running_loop()
+    got = []
+    async for chunk in coalesce(_source(["a", "b", "c"], delay=0.01), interval_s=5.0):
+        got.append((loop.time(), chunk))
+    assert "".join(c for _, c in got) == "abc"
+    assert got[-1][0] - got[0][0] < 2.5  # half the interval: the end was not waited out
