@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import platform
@@ -145,6 +146,15 @@ def alternating(rounds: int, first: str, second: str) -> Iterator[tuple[int, str
     for r in range(rounds):
         for side in (first, second) if r % 2 == 0 else (second, first):
             yield r, side
+
+
+def chosen(parser: argparse.ArgumentParser, value: str, choices: Collection[str], what: str) -> list[str]:
+    """The comma-separated ``value``, each one of ``choices``, in its order (the parser exits on
+    an unknown one, naming ``what`` it lists)."""
+    picked = [v for v in value.split(",") if v]
+    if unknown := set(picked) - set(choices):
+        parser.error(f"unknown {what}: {sorted(unknown)}")
+    return picked
 
 
 def head_commit() -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, wait, write_section
+from common import ROOT, chosen, cluster, demo_config, deploy, head_commit, machine, pct, wait, write_section
 
 from zeroserve.chaos import Pool
 from zeroserve.cluster import LocalCluster, one_hop_env
@@ -192,9 +192,7 @@ def main() -> None:
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only")
     args = parser.parse_args()
     commit = head_commit()  # what is measured: read before the run, in which the tree may change
-    paths = [p for p in args.paths.split(",") if p]
-    if unknown := set(paths) - set(PATHS):
-        parser.error(f"unknown paths: {sorted(unknown)}")
+    paths = chosen(parser, args.paths, PATHS, "paths")
     results = {path: run_path(path, args.seconds, args.users) for path in paths}
     table = [f"`bench/load.py`, commit {commit}; {machine()}.", ""]
     for path, res in results.items():

@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 import openai
-from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, vllm_server, wait
+from common import ROOT, chosen, cluster, demo_config, deploy, head_commit, machine, pct, publish, vllm_server, wait
 
 from zeroserve.cluster import one_hop_env
 from zeroserve.config import ModelSpec, parse_model_spec
@@ -351,9 +351,7 @@ def main() -> None:
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only")
     args = parser.parse_args()
     commit = head_commit()  # what is measured: read before the run, in which the tree may change
-    targets = [t for t in args.targets.split(",") if t]
-    if unknown := set(targets) - set(TARGETS):
-        parser.error(f"unknown targets: {sorted(unknown)}")
+    targets = chosen(parser, args.targets, TARGETS, "targets")
     source = build_wide(ROOT / "models" / "bench-llama-wide") if args.model == "wide" else MODEL_PATH
     # The demo's args for the model; every server's engine arguments are derived from them.
     app_args = demo_config(0, only=[NAME])["applications"][1]["args"]
