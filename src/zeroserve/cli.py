@@ -574,8 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--one-hop",
         action="store_true",
-        help="reach the gateway through HAProxy and Ray's direct ingress instead of Serve's proxy: about 10 ms "
-        "less per request; a gateway replica that dies mid-stream cuts the stream without an error event",
+        help="reach the gateway through HAProxy and Ray's direct ingress instead of Serve's proxy: one Ray hop "
+        "fewer per request (docs/benchmarks.md, 'ingress-ab'); a gateway replica that dies mid-stream cuts "
+        "the stream without an error event",
     )
     p.set_defaults(func=cmd_start)
 
