@@ -18,7 +18,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-vllm bench-ab chaos load fuzz gpu-check clean
+.PHONY: help venv models run deploy stop status observe services test test-unit test-integration lint bench bench-vllm bench-ab ci-time chaos load fuzz gpu-check clean
 
 help:
 	@echo "make run        set up, start a local Ray with a logical GPU, deploy the demo, print the URLs (ONE_HOP=1: HAProxy, no Python proxy)"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench      run the benchmarks in bench/; each writes its own section of docs/benchmarks.md"
 	@echo "make bench-vllm vLLM models against vLLM's own server and Ray Serve LLM: docs/benchmarks.md"
 	@echo "make bench-ab BASE=rev   the gateway's cost at BASE and now, alternating (in-process and through Ray)"
+	@echo "make ci-time    time .ci/run (= make test) on a fresh clone of HEAD: docs/benchmarks.md"
 	@echo "make chaos      faults under load, a failing model, a redeploy: figures to docs/reliability.md"
 	@echo "make fuzz       schemathesis against the in-process gateway: figures to docs/reliability.md"
 	@echo "make load       twice the load the pool can serve, with and without limits (locust): docs/reliability.md"
@@ -113,6 +114,10 @@ bench-ab: models
 	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }
 	$(BIN)/python bench/gateway_inprocess.py --base $(BASE)
 	$(BIN)/python bench/gateway_ab.py --base $(BASE)
+
+# A fresh clone of HEAD, `.ci/run` in it, timed (about half an hour; the machine to itself).
+ci-time: venv
+	$(BIN)/python bench/ci_time.py
 
 # The reliability suite's long versions (the short ones are in `make test`); loopback only.
 chaos: models
