@@ -104,6 +104,10 @@ bench: models
 	$(BIN)/python bench/pool_wake.py
 	$(BIN)/python bench/pool_trace.py
 	$(BIN)/python bench/ingress_ab.py
+	$(BIN)/python bench/packing_quality.py
+	$(BIN)/python bench/metrics_overhead.py
+	$(BIN)/python bench/quota_overhead.py
+	$(BIN)/python bench/batching.py
 
 # vLLM models against vLLM's own server and Ray Serve LLM, back to back (about 30 min on 2 cores).
 bench-vllm: models
