@@ -49,18 +49,19 @@ def main() -> int:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     started = time.monotonic()
     pytest_at: float | None = None
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            ["bash", ".ci/run"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if pytest_at is None and PYTEST_START in line:
-                pytest_at = time.monotonic()
-        rc = proc.wait()
+    out: list[str] = []
+    proc = subprocess.Popen(
+        ["bash", ".ci/run"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if pytest_at is None and PYTEST_START in line:
+            pytest_at = time.monotonic()
+    rc = proc.wait()
     total = time.monotonic() - started
-    text = log_path.read_text(errors="replace")
+    text = "".join(out)
+    log_path.write_text(text)
     found = SUMMARY.findall(text)
     if rc != 0 or not found or pytest_at is None:
         print(text[-4000:])
