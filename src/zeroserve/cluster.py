@@ -302,7 +302,8 @@ def add_node(
     """Join one more Ray node (its own raylet, with logical GPUs) to a local cluster.
 
     Several nodes on one machine stand in for a multi-node cluster. The node runs in its own
-    process group, recorded in ``run_dir`` so that :func:`stop_local` stops it too.
+    process group, recorded in ``run_dir`` so that :func:`stop_local` stops it too. On a one-hop
+    cluster (``start_local(..., one_hop=True)``) the node gets the one-hop environment too.
 
     Returns:
         The node's process-group id (for :func:`kill_node`).
@@ -331,7 +332,11 @@ def add_node(
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    full_env = ray_env(os.environ, env, loopback_only=False)
+    # A gateway replica reads direct ingress from its own process's environment, so on a one-hop
+    # cluster every node needs it (else a replica placed here would not serve HTTP), with HAProxy
+    # files and ports of its own in case Serve runs one here.
+    extra = {**(one_hop_env() if cluster.one_hop else {}), **(env or {})}
+    full_env = ray_env(os.environ, extra, loopback_only=False)
     log = open(run_dir / "ray-node.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     with open(run_dir / "nodes.txt", "a") as f:

@@ -18,7 +18,9 @@ from zeroserve.cluster import (
     _session_pids,
     _stop_session,
     add_node,
+    free_port,
     head_command,
+    kill_node,
     ray_env,
     read_cluster,
 )
@@ -86,6 +88,30 @@ def test_a_loopback_only_cluster_refuses_extra_nodes(tmp_path: Path) -> None:
         add_node(tmp_path, cluster)
     assert not (tmp_path / "nodes.txt").exists()  # refused before anything started
     assert LocalCluster(pid=1, gcs_port=1, dashboard_port=2, temp_dir="/tmp/x").driver_env == {}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("one_hop", [False, True])
+def test_a_node_joined_to_a_one_hop_cluster_gets_direct_ingress(tmp_path: Path, one_hop: bool) -> None:
+    """A gateway replica reads direct ingress from its process's environment, so a joined node
+    of a one-hop cluster must carry it (and HAProxy files of its own); a proxy-path one must not."""
+    cluster = LocalCluster(pid=1, gcs_port=free_port(), dashboard_port=2, temp_dir="/tmp/x", one_hop=one_hop)
+    sid = add_node(tmp_path, cluster, env={"ZEROSERVE_HOME": "/somewhere"})  # no head there: it exits later
+    try:
+        env = _environ(sid)  # the real `ray start` process, before it gives up on the missing head
+    finally:
+        kill_node(sid)
+    assert env["ZEROSERVE_HOME"] == "/somewhere" and env[LOOPBACK_ENV] == "1"
+    if one_hop:
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("zeroserve-haproxy")
+    else:
+        assert env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") == "0"
+        assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in env
 
 
 def test_a_record_from_before_the_loopback_field_still_reads(tmp_path: Path) -> None:
