@@ -21,8 +21,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts[0] in ("unit", "integration", "gpu"):
             item.add_marker(getattr(pytest.mark, parts[0]))
-    # A test that stops the session's cluster runs after every test that uses it.
-    items.sort(key=lambda item: item.get_closest_marker("stops_cluster") is not None)
+    # The session's one cluster changes mode as rarely as it can (tests/integration/conftest.py):
+    # the tests on the loopback cluster first, then the one that stops it, then the modules that
+    # need it restarted another way (a stop and a start each, about half a minute here).
+    order = {"loopback": 0, "one-hop": 2, "joinable": 3}
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("stops_cluster") is not None:
+            return 1
+        return order[getattr(getattr(item, "module", None), "CLUSTER_MODE", "loopback")]
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from zeroserve.chaos import Pool as ChaosPool
-from zeroserve.cluster import LocalCluster, free_port, start_local, stop_local
+from zeroserve.cluster import LocalCluster, free_port, read_cluster, start_local, stop_local
 from zeroserve.config import load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,7 @@ class Pool:
     cluster: LocalCluster
     http_port: int
     run_dir: Path
+    mode: str = "loopback"  # see cluster_mode
 
     @property
     def base_url(self) -> str:
@@ -142,33 +143,50 @@ _CLUSTER_ENV = {
 }
 
 
+MODES = ("loopback", "one-hop", "joinable")
+
+
+def cluster_mode(module: object) -> str:
+    """The cluster a test module needs: its ``CLUSTER_MODE`` (one of :data:`MODES`), else loopback.
+
+    "loopback": as ``make run`` starts it; "one-hop": ``start_local(..., one_hop=True)``;
+    "joinable": not loopback only, so that ``add_node`` can join more nodes to it.
+    """
+    mode = getattr(module, "CLUSTER_MODE", "loopback")
+    assert mode in MODES, mode
+    return str(mode)
+
+
+def _start(run_dir: Path, mode: str) -> LocalCluster:
+    return start_local(
+        run_dir, num_gpus=1, env=_CLUSTER_ENV, loopback_only=mode != "joinable", one_hop=mode == "one-hop"
+    )
+
+
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Pool]:
-    """The cluster as ``make run`` starts it: loopback only."""
+    """The session's one cluster (loopback only, as ``make run`` starts it, unless a module asks otherwise)."""
     run_dir = tmp_path_factory.mktemp("ray-run")
-    cluster = start_local(run_dir, num_gpus=1, env=_CLUSTER_ENV)
+    cluster = _start(run_dir, "loopback")
     try:
         yield Pool(cluster, free_port(), run_dir)
     finally:
         stop_local(run_dir)
 
 
-@pytest.fixture(scope="module")
-def joinable_pool(pool: Pool) -> Iterator[Pool]:
-    """The session's cluster restarted so that other nodes may join it (not loopback only).
+@pytest.fixture(scope="module", autouse=True)
+def _cluster_in_mode(request: pytest.FixtureRequest, pool: Pool) -> None:
+    """The session's cluster restarted in the mode this module needs, if it is not in it already.
 
-    One cluster at a time on this machine: the loopback-only one stops first and comes back after.
+    One cluster at a time on this machine, so a mode change is a stop and a start; the modules
+    are ordered by mode (tests/conftest.py) so that the session changes mode as few times as it
+    can, and a module that needs the loopback cluster after a stop gets it started again.
     """
-
-    def restart(loopback_only: bool) -> None:
+    mode = cluster_mode(request.module)
+    if pool.mode != mode or read_cluster(pool.run_dir) is None:
         stop_local(pool.run_dir)
-        pool.cluster = start_local(pool.run_dir, num_gpus=1, env=_CLUSTER_ENV, loopback_only=loopback_only)
-
-    restart(loopback_only=False)
-    try:
-        yield pool
-    finally:
-        restart(loopback_only=True)
+        pool.cluster = _start(pool.run_dir, mode)
+        pool.mode = mode
 
 
 @pytest.fixture(scope="module")

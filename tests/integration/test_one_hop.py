@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import psutil
-import pytest
 
 from zeroserve.chaos import ray_kill
-from zeroserve.cluster import start_local, stop_local
 
-from .conftest import _CLUSTER_ENV, Pool, wait_for
+from .conftest import Pool, wait_for
 
 EMB, CLS = "all-MiniLM-L6-v2", "tiny-sentiment"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-@pytest.fixture(scope="module")
-def one_hop(pool: Pool) -> Iterator[Pool]:
-    """The session's cluster restarted on the one-hop path, and back after."""
-
-    def restart(on: bool) -> None:
-        stop_local(pool.run_dir)
-        pool.cluster = start_local(pool.run_dir, num_gpus=1, env=_CLUSTER_ENV, one_hop=on)
-
-    restart(True)
-    try:
-        yield pool
-    finally:
-        restart(False)
+CLUSTER_MODE = "one-hop"  # the session's cluster restarted on this path (conftest.cluster_mode)
 
 
 def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
@@ -57,8 +40,7 @@ def _listeners(head_pid: int) -> list[tuple[str, int, str]]:
     return found
 
 
-def test_one_hop_serves_the_client_on_loopback_only(one_hop: Pool) -> None:
-    pool = one_hop
+def test_one_hop_serves_the_client_on_loopback_only(pool: Pool) -> None:
     pool.deploy(pool.config(pool.models(EMB)))
     emb = pool.openai(timeout=120).embeddings.create(model=EMB, input="one hop")
     assert len(emb.data[0].embedding) == 384
@@ -75,8 +57,7 @@ def test_one_hop_serves_the_client_on_loopback_only(one_hop: Pool) -> None:
     assert all(ip in ("::", "0.0.0.0") and "ServeReplica" in title for ip, _, title in exposed), exposed
 
 
-def test_a_gateway_replica_killed_before_it_answers_is_a_503_with_retry_after(one_hop: Pool) -> None:
-    pool = one_hop
+def test_a_gateway_replica_killed_before_it_answers_is_a_503_with_retry_after(pool: Pool) -> None:
     # The whole GPU held by a pinned model, so a request to a cold one waits in the gateway for
     # room (up to its 60 s bound): the gateway replica dies while it holds that request.
     models = pool.models(CLS, EMB)
