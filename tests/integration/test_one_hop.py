@@ -2,9 +2,9 @@
 that serve HTTP themselves (Ray's direct ingress), instead of Serve's Python proxy.
 
 What must hold on that path as on the default one: the official client is served, nothing of it
-listens beyond loopback (HAProxy's stats and Prometheus frontends included), and a gateway
-replica that dies before it answers leaves its client a 503 with Retry-After in OpenAI's shape,
-not a bare 500.
+listens beyond loopback (HAProxy's stats and Prometheus frontends included), a gateway replica
+that dies before it answers leaves its client a 503 with Retry-After in OpenAI's shape, not a
+bare 500, and a redeployed gateway loses no request, streams included.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import httpx
 import psutil
 
 from zeroserve.chaos import ray_kill
+from zeroserve.loadgen import Shot, Tally, run_load
 
-from .conftest import Pool, wait_for
+from .conftest import WARM, Pool, wait_for
 
-EMB, CLS = "all-MiniLM-L6-v2", "tiny-sentiment"
+EMB, CLS, GEN = "all-MiniLM-L6-v2", "tiny-sentiment", "tiny-llama"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 CLUSTER_MODE = "one-hop"  # the session's cluster restarted on this path (conftest.cluster_mode)
 
@@ -93,3 +94,37 @@ def test_a_gateway_replica_killed_before_it_answers_is_a_503_with_retry_after(po
         180,
         "the one-hop path to serve again",
     )
+
+
+def test_the_gateway_redeployed_under_streaming_traffic_loses_nothing(pool: Pool) -> None:
+    """A new version of the gateway replaces its replicas one at a time: Ray reloads HAProxy with
+    the new servers and each old replica drains (no proxy failsafe on this path, so a replica that
+    dropped its streams or a reload that cut connections would lose requests here)."""
+    models = pool.models(GEN, autoscaling=WARM)
+    pool.deploy(pool.config(models, num_replicas=2))
+    wait_for(lambda: pool.running_replica_ids(GEN), 120, f"{GEN} warm")
+    wait_for(lambda: len(pool.running_replica_ids("gateway")) == 2, 120, "two gateway replicas")
+    before = pool.running_replica_ids("gateway")
+
+    stop = threading.Event()
+    result: dict[str, Tally] = {}
+    shots = [Shot("chat_stream", GEN), Shot("chat", GEN)]
+    loader = threading.Thread(
+        target=lambda: result.update(tally=run_load(pool.base_url, shots, requests=2000, concurrency=3, stop=stop))
+    )
+    loader.start()
+    try:
+        time.sleep(2)  # traffic flows before the redeploy (a duration of load, not a wait for a state)
+        pool.deploy(pool.config(models, num_replicas=2, request_timeout_s=121))  # new args: new replicas
+        wait_for(
+            lambda: len(ids := pool.running_replica_ids("gateway")) == 2 and not ids & before,
+            180,
+            "both gateway replicas replaced",
+        )
+        time.sleep(3)  # and keeps flowing through the new ones for a while
+    finally:
+        stop.set()
+        loader.join(timeout=180)
+    tally = result["tally"]
+    assert tally.sent > 10 and any(o.shot.kind == "chat_stream" for o in tally.outcomes), tally.summary()
+    assert tally.count("ok") == tally.sent, (tally.summary(), [(o.shot, o.status, o.reason) for o in tally.lost()][:5])
