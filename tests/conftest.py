@@ -22,14 +22,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if parts[0] in ("unit", "integration", "gpu"):
             item.add_marker(getattr(pytest.mark, parts[0]))
     # The session's one cluster changes mode as rarely as it can (tests/integration/conftest.py):
-    # the tests on the loopback cluster first, then the one that stops it, then the modules that
-    # need it restarted another way (a stop and a start each, about half a minute here).
+    # every test that runs on the loopback cluster (the unit tests among them) first, then the one
+    # that stops it, then the modules that need it restarted another way (a stop and a start each,
+    # 46-48 s measured here, docs/architecture.md "Local cluster").
     order = {"loopback": 0, "one-hop": 2, "joinable": 3}
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("stops_cluster") is not None:
             return 1
-        return order[getattr(getattr(item, "module", None), "CLUSTER_MODE", "loopback")]
+        module = getattr(item, "module", None)
+        mode = getattr(module, "CLUSTER_MODE", "loopback")
+        if mode not in order:
+            raise pytest.UsageError(
+                f"{getattr(module, '__name__', module)}: CLUSTER_MODE {mode!r} is not one of {sorted(order)}"
+            )
+        return order[mode]
 
     items.sort(key=rank)
 

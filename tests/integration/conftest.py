@@ -55,12 +55,17 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 @dataclass
 class Pool:
-    """The running cluster and how to reach it."""
+    """The session's cluster and how to reach it (started by ``_cluster_in_mode``)."""
 
-    cluster: LocalCluster
     http_port: int
     run_dir: Path
-    mode: str = "loopback"  # see cluster_mode
+    mode: str | None = None  # see cluster_mode; None until a module starts it
+    started: LocalCluster | None = None
+
+    @property
+    def cluster(self) -> LocalCluster:
+        assert self.started is not None, "the session's cluster is started by _cluster_in_mode"
+        return self.started
 
     @property
     def base_url(self) -> str:
@@ -165,27 +170,31 @@ def _start(run_dir: Path, mode: str) -> LocalCluster:
 
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Pool]:
-    """The session's one cluster (loopback only, as ``make run`` starts it, unless a module asks otherwise)."""
+    """The session's one cluster, started in the mode of the first module that uses it."""
     run_dir = tmp_path_factory.mktemp("ray-run")
-    cluster = _start(run_dir, "loopback")
     try:
-        yield Pool(cluster, free_port(), run_dir)
+        yield Pool(free_port(), run_dir)
     finally:
         stop_local(run_dir)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cluster_in_mode(request: pytest.FixtureRequest, pool: Pool) -> None:
-    """The session's cluster restarted in the mode this module needs, if it is not in it already.
+def _cluster_in_mode(request: pytest.FixtureRequest) -> None:
+    """The session's cluster (re)started in the mode this module needs, if it uses it at all.
 
     One cluster at a time on this machine, so a mode change is a stop and a start; the modules
     are ordered by mode (tests/conftest.py) so that the session changes mode as few times as it
-    can, and a module that needs the loopback cluster after a stop gets it started again.
+    can, and a module that needs the loopback cluster after a stop gets it started again. A
+    module none of whose tests use ``pool`` (test_redis_ledger) starts nothing.
     """
+    items = [i for i in request.session.items if getattr(i, "module", None) is request.module]
+    if not any("pool" in getattr(i, "fixturenames", ()) for i in items):
+        return
+    pool: Pool = request.getfixturevalue("pool")
     mode = cluster_mode(request.module)
     if pool.mode != mode or read_cluster(pool.run_dir) is None:
         stop_local(pool.run_dir)
-        pool.cluster = _start(pool.run_dir, mode)
+        pool.started = _start(pool.run_dir, mode)
         pool.mode = mode
 
 

@@ -69,7 +69,7 @@ def test_two_nodes_spread_evict_where_room_is_and_lose_no_request_when_one_is_lo
     One test: a second node and its replicas take a minute to start on two cores."""
     with _second_node(pool):
         awake = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "downscale_to_zero_delay_s": 600}
-        half = {**ARGS, "gpu_fraction": 0.5, "warm": False, "min_hold_s": 1, "cold_start_timeout_s": 60}
+        half = {**ARGS, "gpu_fraction": 0.5, "warm": False, "min_hold_s": 1, "cold_start_timeout_s": 45}
         models = {f"h{i}": {**half, "autoscaling": awake} for i in range(4)}
         cold = {**half, "autoscaling": {**awake, "initial_replicas": 0}}
         pool.deploy(pool.config({**models, "h4": cold}), timeout_s=300)

@@ -97,9 +97,9 @@ def test_a_gateway_replica_killed_before_it_answers_is_a_503_with_retry_after(po
 
 
 def test_the_gateway_redeployed_under_streaming_traffic_loses_nothing(pool: Pool) -> None:
-    """A new version of the gateway replaces its replicas one at a time: Ray reloads HAProxy with
-    the new servers and each old replica drains (no proxy failsafe on this path, so a replica that
-    dropped its streams or a reload that cut connections would lose requests here)."""
+    """A new version of the gateway replaces its replicas while streams run: every request gets
+    a whole answer (no proxy failsafe on this path, so an old replica that dropped its streams or
+    a HAProxy reload that cut connections would lose requests here)."""
     models = pool.models(GEN, autoscaling=WARM)
     pool.deploy(pool.config(models, num_replicas=2))
     wait_for(lambda: pool.running_replica_ids(GEN), 120, f"{GEN} warm")
@@ -109,22 +109,29 @@ def test_the_gateway_redeployed_under_streaming_traffic_loses_nothing(pool: Pool
     stop = threading.Event()
     result: dict[str, Tally] = {}
     shots = [Shot("chat_stream", GEN), Shot("chat", GEN)]
-    loader = threading.Thread(
-        target=lambda: result.update(tally=run_load(pool.base_url, shots, requests=2000, concurrency=3, stop=stop))
+    loader = threading.Thread(  # bounded by ``stop``, not by a count
+        target=lambda: result.update(tally=run_load(pool.base_url, shots, requests=10**6, concurrency=3, stop=stop))
     )
     loader.start()
     try:
         time.sleep(2)  # traffic flows before the redeploy (a duration of load, not a wait for a state)
+        redeployed = time.monotonic()
         pool.deploy(pool.config(models, num_replicas=2, request_timeout_s=121))  # new args: new replicas
         wait_for(
             lambda: len(ids := pool.running_replica_ids("gateway")) == 2 and not ids & before,
             180,
             "both gateway replicas replaced",
         )
+        replaced = time.monotonic()
         time.sleep(3)  # and keeps flowing through the new ones for a while
+        assert loader.is_alive(), "the load ended before the redeploy did"
     finally:
         stop.set()
         loader.join(timeout=180)
+    assert not loader.is_alive() and "tally" in result, "the load did not finish within 180 s of its stop"
     tally = result["tally"]
-    assert tally.sent > 10 and any(o.shot.kind == "chat_stream" for o in tally.outcomes), tally.summary()
+    streams = [o for o in tally.outcomes if o.shot.kind == "chat_stream"]
+    # Streams ran while the replicas were replaced, and traffic went on after.
+    assert sum(redeployed < o.started < replaced for o in streams) >= 3, tally.summary()
+    assert any(o.started > replaced for o in tally.outcomes), tally.summary()
     assert tally.count("ok") == tally.sent, (tally.summary(), [(o.shot, o.status, o.reason) for o in tally.lost()][:5])

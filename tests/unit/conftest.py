@@ -21,7 +21,8 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _no_serve_leftovers_from_before() -> None:
     """Stop Ray Serve work that earlier tests in this process left running (``pytest tests`` runs
-    the integration tests first, whose handles outlive their cluster: see serve_leftovers)."""
+    the loopback integration tests before the unit tests, and their handles outlive their cluster:
+    see serve_leftovers)."""
     stop_serve_leftovers()
 
 
