@@ -1,6 +1,8 @@
 """Latency the gateway adds: one embedding request through HTTP+gateway, through a
-DeploymentHandle, and through the engine in-process, measured in the same run.
-Writes its section of docs/benchmarks.md (between the ``gateway-latency`` markers).
+DeploymentHandle, and through the engine in-process, measured in the same run; beside them
+Ray Serve's own floor on the same path, a deployment that only reads the same body and answers,
+through Serve's proxy and through a handle. Writes its section of docs/benchmarks.md (between
+the ``gateway-latency`` markers).
 
     .venv/bin/python bench/gateway_latency.py [--n 300] [--no-write]
 """
@@ -13,12 +15,32 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from common import ROOT, cluster, demo_config, deploy, head_commit, machine, publish, summary
 
 MODEL = "all-MiniLM-L6-v2"
 TEXT = "A man is eating a piece of bread."
+FLOOR = "serve-floor"  # an app of its own, not a model: the gateway does not list it
+
+
+def floor_app() -> Any:
+    """A Serve ingress that does nothing but read the request's body and answer: what any POST
+    through Serve's proxy costs (the proxy, the hop to a replica, the body fetched back from the
+    proxy, the answer streamed back), with no gateway and no model."""
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(name="Floor", ray_actor_options={"num_cpus": 0.1})
+    class Floor:
+        async def __call__(self, request: Request) -> dict[str, int]:
+            return {"bytes": len(await request.body())}
+
+        async def ping(self, body: dict[str, Any]) -> dict[str, int]:
+            return {"bytes": len(json.dumps(body))}
+
+    return Floor.bind()  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -47,34 +69,49 @@ def main() -> None:
         for _ in range(20):
             handle.embed.remote([TEXT]).result()
 
+        floor = serve.run(floor_app(), name=FLOOR, route_prefix=f"/{FLOOR}")
+        floor_url = f"http://127.0.0.1:{port}/{FLOOR}"
+        for _ in range(20):
+            http.post(floor_url, json=body).raise_for_status()
+            floor.ping.remote(body).result()
+
         engine = create_engine(ModelSpec(task="embed", model=str(ROOT / "models" / MODEL)))
         engine.load()
         for _ in range(20):
             engine.embed([TEXT])
 
-        results: dict[str, list[float]] = {"gateway (HTTP)": [], "DeploymentHandle": [], "engine in-process": []}
-        # Interleave the three paths so drift on a shared 2-core box hits them all alike.
+        paths = (
+            "gateway (HTTP)",
+            "DeploymentHandle",
+            "engine in-process",
+            "Serve floor (HTTP)",
+            "Serve floor (handle)",
+        )
+        results: dict[str, list[float]] = {name: [] for name in paths}
+        calls = {
+            "gateway (HTTP)": lambda: http.post(url, json=body).raise_for_status(),
+            "DeploymentHandle": lambda: handle.embed.remote([TEXT]).result(),
+            "engine in-process": lambda: engine.embed([TEXT]),
+            "Serve floor (HTTP)": lambda: http.post(floor_url, json=body).raise_for_status(),
+            "Serve floor (handle)": lambda: floor.ping.remote(body).result(),
+        }
+        # Interleave the paths so drift on a shared 2-core box hits them all alike.
         for _ in range(args.n):
-            t = time.perf_counter()
-            http.post(url, json=body).raise_for_status()
-            results["gateway (HTTP)"].append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            handle.embed.remote([TEXT]).result()
-            results["DeploymentHandle"].append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            engine.embed([TEXT])
-            results["engine in-process"].append((time.perf_counter() - t) * 1000)
+            for name in paths:
+                t = time.perf_counter()
+                calls[name]()
+                results[name].append((time.perf_counter() - t) * 1000)
+        serve.delete(FLOOR)
         # A handle's router pushes metrics from a thread that outlives ray.shutdown().
         serve.context._global_client.shutdown_cached_handles()
         ray.shutdown()
 
     commit = head_commit()
-    gateway, handle_ms = results["gateway (HTTP)"], results["DeploymentHandle"]
-    added_p50 = statistics.median(gateway) - statistics.median(handle_ms)
-    added_p99 = sorted(gateway)[int(0.99 * (len(gateway) - 1))] - sorted(handle_ms)[int(0.99 * (len(handle_ms) - 1))]
+    added_p50, added_p99 = added(results["gateway (HTTP)"], results["DeploymentHandle"])
+    floor_p50, floor_p99 = added(results["Serve floor (HTTP)"], results["Serve floor (handle)"])
     lines = [
         f"`bench/gateway_latency.py`, commit {commit}; {machine()}.",
-        f"One MiniLM embedding of one sentence, {args.n} requests per path, the three paths",
+        f"One MiniLM embedding of one sentence, {args.n} requests per path, the {len(paths)} paths",
         "interleaved in one run on one warm replica.",
         "",
         "| path | n | p50 ms | p99 ms | mean ms |",
@@ -84,10 +121,19 @@ def main() -> None:
         f"The gateway (HTTP proxy hop, parsing, admission, a second handle hop) adds {added_p50:.1f} ms",
         f"at p50 and {added_p99:.1f} ms at p99 over a direct handle call in this run. The handle path",
         "includes up to 10 ms of `@serve.batch` wait (`batch_wait_timeout_s: 0.01`).",
+        "Serve's own floor on this path (the same body POSTed through Serve's proxy to a deployment",
+        f"that only reads it, against a handle call to that deployment) is {floor_p50:.1f} ms at p50 and",
+        f"{floor_p99:.1f} ms at p99: the gateway's share beyond it is {added_p50 - floor_p50:.1f} ms at p50.",
     ]
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     publish("gateway-latency", lines, write=not args.no_write)
+
+
+def added(path_ms: list[float], base_ms: list[float]) -> tuple[float, float]:
+    """What ``path_ms`` adds over ``base_ms``, at p50 and at p99."""
+    p99 = sorted(path_ms)[int(0.99 * (len(path_ms) - 1))] - sorted(base_ms)[int(0.99 * (len(base_ms) - 1))]
+    return statistics.median(path_ms) - statistics.median(base_ms), p99
 
 
 if __name__ == "__main__":
