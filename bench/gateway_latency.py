@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, cluster, demo_config, deploy, head_commit, machine, publish, summary
+from common import ROOT, cluster, demo_config, deploy, head_commit, machine, pct, publish, summary
 
 MODEL = "all-MiniLM-L6-v2"
 TEXT = "A man is eating a piece of bread."
@@ -80,14 +80,6 @@ def main() -> None:
         for _ in range(20):
             engine.embed([TEXT])
 
-        paths = (
-            "gateway (HTTP)",
-            "DeploymentHandle",
-            "engine in-process",
-            "Serve floor (HTTP)",
-            "Serve floor (handle)",
-        )
-        results: dict[str, list[float]] = {name: [] for name in paths}
         calls = {
             "gateway (HTTP)": lambda: http.post(url, json=body).raise_for_status(),
             "DeploymentHandle": lambda: handle.embed.remote([TEXT]).result(),
@@ -95,11 +87,12 @@ def main() -> None:
             "Serve floor (HTTP)": lambda: http.post(floor_url, json=body).raise_for_status(),
             "Serve floor (handle)": lambda: floor.ping.remote(body).result(),
         }
+        results: dict[str, list[float]] = {name: [] for name in calls}
         # Interleave the paths so drift on a shared 2-core box hits them all alike.
         for _ in range(args.n):
-            for name in paths:
+            for name, call in calls.items():
                 t = time.perf_counter()
-                calls[name]()
+                call()
                 results[name].append((time.perf_counter() - t) * 1000)
         serve.delete(FLOOR)
         # A handle's router pushes metrics from a thread that outlives ray.shutdown().
@@ -111,7 +104,7 @@ def main() -> None:
     floor_p50, floor_p99 = added(results["Serve floor (HTTP)"], results["Serve floor (handle)"])
     lines = [
         f"`bench/gateway_latency.py`, commit {commit}; {machine()}.",
-        f"One MiniLM embedding of one sentence, {args.n} requests per path, the {len(paths)} paths",
+        f"One MiniLM embedding of one sentence, {args.n} requests per path, the {len(results)} paths",
         "interleaved in one run on one warm replica.",
         "",
         "| path | n | p50 ms | p99 ms | mean ms |",
@@ -132,8 +125,7 @@ def main() -> None:
 
 def added(path_ms: list[float], base_ms: list[float]) -> tuple[float, float]:
     """What ``path_ms`` adds over ``base_ms``, at p50 and at p99."""
-    p99 = sorted(path_ms)[int(0.99 * (len(path_ms) - 1))] - sorted(base_ms)[int(0.99 * (len(base_ms) - 1))]
-    return statistics.median(path_ms) - statistics.median(base_ms), p99
+    return statistics.median(path_ms) - statistics.median(base_ms), pct(path_ms, 99) - pct(base_ms, 99)
 
 
 if __name__ == "__main__":
